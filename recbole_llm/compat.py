@@ -1,0 +1,196 @@
+"""Fixes that let RecBole 1.2.1 run on today's stack (numpy 2, pandas 3, torch >= 2.6) and run fast on a CPU.
+
+Every fix patches RecBole from here, at import of ``recbole_llm``; site-packages are never edited. Each one is
+idempotent and has a test in ``tests/test_compat.py`` that fails without it.
+"""
+import contextlib
+import ctypes
+import functools
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+# Aliases numpy 2 removed; RecBole 1.2.1 uses them in Config, the metrics, Interaction and Dataset.
+NUMPY_ALIASES = {
+    "bool": np.bool_,
+    "int": np.int_,
+    "float": np.float64,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "long": np.int_,
+    "unicode": np.str_,
+}
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# The largest mmap threshold glibc accepts on 64-bit builds (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+
+def install_numpy_aliases():
+    """Set ``np.float``, ``np.bool``, ... without touching ``np.float_`` and friends, which numpy 2 removed."""
+    for name, value in NUMPY_ALIASES.items():
+        setattr(np, name, value)
+
+
+def _numpy_safe_compatibility_settings(self):
+    # Replaces recbole.config.Config.compatibility_settings, which reads np.float_ and fails on numpy 2.
+    install_numpy_aliases()
+
+
+def _fill_nan_copy_on_write(self):
+    """RecBole's ``Dataset._fill_nan``, with assignments instead of chained ``fillna(inplace=True)``.
+
+    Under pandas 3 Copy-on-Write a chained in-place fillna is a no-op, so NaN tokens and floats would stay NaN.
+    """
+    from recbole.utils import FeatureType
+
+    for feat_name in self.feat_name_list:
+        feat = getattr(self, feat_name)
+        for field in feat:
+            ftype = self.field2type[field]
+            if ftype == FeatureType.TOKEN:
+                feat[field] = feat[field].fillna(value=0)
+            elif ftype == FeatureType.FLOAT:
+                feat[field] = feat[field].fillna(value=feat[field].mean())
+            else:
+                dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                feat[field] = feat[field].apply(
+                    lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
+                )
+
+
+@contextlib.contextmanager
+def pandas2_semantics():
+    """Give RecBole's dataset code the two pandas 2 behaviours it relies on, while it builds a dataset.
+
+    - Empty ``token_seq``/``float_seq`` cells become ''. RecBole fills them with a chained
+      ``df[field].fillna("", inplace=True)``, a no-op under pandas 3 Copy-on-Write, after which ``NaN.split`` fails.
+      The columns are recognised by RecBole's ``field:type`` header names at ``read_csv`` time.
+    - ``Series.agg(len)`` gives each cell's length. pandas 3 passes the whole Series instead, so the split points
+      of remapped sequences collapse (``Length of values (1) does not match length of index``).
+    """
+    read_csv, agg = pd.read_csv, pd.Series.agg
+
+    def read_csv_seq_cells_as_empty(*args, **kwargs):
+        df = read_csv(*args, **kwargs)
+        for column in df.columns:
+            if str(column).endswith(("token_seq", "float_seq")):
+                df[column] = df[column].fillna("")
+        return df
+
+    def agg_len_per_cell(self, func=None, *args, **kwargs):
+        return self.map(len) if func is len else agg(self, func, *args, **kwargs)
+
+    pd.read_csv, pd.Series.agg = read_csv_seq_cells_as_empty, agg_len_per_cell
+    try:
+        with warnings.catch_warnings():
+            # RecBole's chained fillna calls warn on every dataset; the cells they meant to fill are filled above.
+            warnings.simplefilter("ignore", getattr(pd.errors, "ChainedAssignmentError", FutureWarning))
+            yield
+    finally:
+        pd.read_csv, pd.Series.agg = read_csv, agg
+
+
+def _with_pandas2_semantics(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with pandas2_semantics():
+            return method(*args, **kwargs)
+
+    wrapper.__recbole_llm_patched__ = True
+    return wrapper
+
+
+@contextlib.contextmanager
+def trusted_checkpoint_load():
+    """Let ``torch.load`` unpickle RecBole's own checkpoints, which store the Config object.
+
+    torch >= 2.6 defaults to ``weights_only=True`` and refuses them. The documented switch
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set only while RecBole reloads a file its trainer wrote.
+    """
+    previous = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _with_trusted_checkpoint_load(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with trusted_checkpoint_load():
+            return method(*args, **kwargs)
+
+    wrapper.__recbole_llm_patched__ = True
+    return wrapper
+
+
+def _ddp_for_module_device(ddp_class):
+    """RecBole passes ``device_ids=[local_rank]`` to DDP, which torch rejects for a CPU module (gloo)."""
+
+    @functools.wraps(ddp_class)
+    def make_ddp(module, device_ids=None, **kwargs):
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        return ddp_class(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+    make_ddp.__recbole_llm_patched__ = True
+    return make_ddp
+
+
+def _patch(owner, name, make_wrapper):
+    current = getattr(owner, name)
+    if not getattr(current, "__recbole_llm_patched__", False):
+        setattr(owner, name, make_wrapper(current))
+
+
+def disable_anomaly_detection():
+    """RecBole's ``sine.py`` turns on autograd anomaly detection for the whole process when it is imported,
+    which slows every training step 1.6-2x. Import the model package once, then turn it off."""
+    import recbole.model.sequential_recommender  # noqa: F401  (runs sine.py's side effect now, not mid-run)
+
+    torch.autograd.set_detect_anomaly(False)
+
+
+def keep_freed_memory():
+    """Stop glibc from returning large tensor buffers to the OS after each step.
+
+    On VMs where first-touch of fresh pages is slow, re-faulting freed buffers doubled the step time of SASRec.
+    Raising the mmap and trim thresholds keeps freed buffers in the heap for reuse. Returns False where the C
+    library is not glibc, where nothing is changed.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    ok &= mallopt(_M_TOP_PAD, 256 * 1024 * 1024)
+    return bool(ok)
+
+
+def apply():
+    """Apply every fix that does not depend on the process's role (idempotent)."""
+    install_numpy_aliases()
+    from recbole.config import Config
+    from recbole.data.dataset import Dataset
+    from recbole.trainer import trainer as trainer_module
+
+    Config.compatibility_settings = _numpy_safe_compatibility_settings
+    Dataset._fill_nan = _fill_nan_copy_on_write
+    _patch(Dataset, "_from_scratch", _with_pandas2_semantics)
+    _patch(trainer_module.Trainer, "evaluate", _with_trusted_checkpoint_load)
+    _patch(trainer_module.Trainer, "resume_checkpoint", _with_trusted_checkpoint_load)
+    _patch(trainer_module, "DistributedDataParallel", _ddp_for_module_device)
+    disable_anomaly_detection()

@@ -1,0 +1,1 @@
+"""Dataset preparation helpers for recbole_llm."""

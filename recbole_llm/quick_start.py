@@ -1,0 +1,172 @@
+"""Quick start: run any recbole_llm or RecBole model, in one process or several (DDP).
+
+Mirrors ``recbole.quick_start`` without importing it: that module imports ray, which breaks on numpy 2.
+"""
+import logging
+import os
+import sys
+from logging import getLogger
+
+import torch
+import torch.distributed as dist
+from recbole.data import data_preparation
+from recbole.data.transform import construct_transform
+from recbole.utils import get_environment, get_flops, get_local_time, init_logger, init_seed, set_color
+
+from recbole_llm import compat
+from recbole_llm.config import Config
+from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer
+
+
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
+        ip="localhost", port="5678", group_offset=0):
+    """Train and test ``model`` on ``dataset``; with ``nproc > 1`` (or a ``world_size``) spawn DDP processes.
+
+    Returns the result dict of rank 0: best_valid_score, valid_score_bigger, best_valid_result, test_result.
+    """
+    config_dict = dict(config_dict or {})
+    # One checkpoint name for every rank: RecBole stamps each process's own clock into it.
+    config_dict.setdefault("llm_checkpoint_name", f"{model}-{get_local_time()}.pth")
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_llm(model, dataset, config_file_list, config_dict, saved)
+
+    check_nproc(nproc)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict.update({"world_size": nproc if world_size == -1 else world_size, "ip": ip, "port": port,
+                        "nproc": nproc, "offset": group_offset})
+    kwargs = {"config_dict": config_dict, "saved": saved, "queue": queue}
+    mp.spawn(run_recbole_llms, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()
+
+
+def check_nproc(nproc):
+    """Refuse more processes than devices: CUDA devices when there are any, else CPU cores (gloo)."""
+    if torch.cuda.is_available():
+        available, what, hint = torch.cuda.device_count(), "CUDA devices", "list that many in gpu_id"
+    else:
+        available, what, hint = os.cpu_count() or 1, "CPU cores (no CUDA, so DDP uses gloo on the CPU)", ""
+    if nproc > available:
+        raise RecBoleLLMError(f"--nproc {nproc} is larger than the {available} {what}; lower --nproc{' or ' + hint if hint else ''}.")
+
+
+def run_recbole_llms(rank, *args):
+    """``mp.spawn`` entry: the process's rank becomes ``local_rank``."""
+    kwargs = args[-1]
+    kwargs["config_dict"] = {**kwargs.get("config_dict", {}), "local_rank": rank}
+    run_recbole_llm(*args[:3], **kwargs)
+
+
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
+    """One process of a run, in the order of RecBole's ``run_recbole`` so that stock models give its numbers."""
+    compat.keep_freed_memory()
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    _log_flops(model, dataset, config, logger)
+
+    trainer = _build_trainer(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    if not config["single_spec"]:
+        dist.barrier()  # rank 0 has finished writing the best checkpoint before anyone reloads it
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+    }
+    if not config["single_spec"]:
+        dist.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def _log_flops(model, dataset, config, logger):
+    # RecBole's run_recbole profiles a deep copy in train mode, which draws from the RNG; doing the same keeps
+    # stock models' numbers identical to it. Models that hold an LLM set `skip_flops` (a copy would double memory).
+    if getattr(model, "skip_flops", False):
+        return
+    flops = get_flops(model, dataset, config["device"], logger, construct_transform(config))
+    logger.info(set_color("FLOPs", "blue") + f": {flops}")
+
+
+def _build_trainer(config, model):
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if config["llm_checkpoint_name"]:
+        trainer.saved_model_file = os.path.join(config["checkpoint_dir"], config["llm_checkpoint_name"])
+    return trainer
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """The objective for ``recbole.trainer.HyperTuning`` and the tests: one quiet run, returning its results."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = _build_trainer(config, model)
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+
+
+def load_data_and_model(model_file):
+    """Rebuild the config, dataset, loaders and model of a checkpoint saved by a recbole_llm or RecBole run.
+
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)``, like RecBole's.
+    """
+    if not os.path.isfile(model_file):
+        raise RecBoleLLMError(f"checkpoint '{model_file}' does not exist; pass the .pth file a run saved in checkpoint_dir.")
+    # Our own checkpoints pickle the Config, which torch >= 2.6 refuses by default.
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise RecBoleLLMError(f"'{model_file}' is not a RecBole checkpoint (no 'config'/'state_dict'); "
+                              f"pass a .pth file saved by a training run.")
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data

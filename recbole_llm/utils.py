@@ -1,0 +1,127 @@
+"""Model, trainer and dataset resolution: the plugin first, then RecBole (the RecBole-GNN pattern)."""
+import importlib
+import os
+import pkgutil
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+MODEL_SUBPACKAGES = ("sequential_recommender", "context_aware_recommender")
+
+
+class RecBoleLLMError(Exception):
+    """A user-facing error: the message names the file or key at fault and the fix. The launcher prints it
+    as one line, without a traceback."""
+
+
+def _plugin_model_modules():
+    for subpackage in MODEL_SUBPACKAGES:
+        package_name = f"recbole_llm.model.{subpackage}"
+        try:
+            package = importlib.import_module(package_name)
+        except ModuleNotFoundError:
+            continue
+        for info in pkgutil.iter_modules(package.__path__):
+            yield f"{package_name}.{info.name}"
+
+
+def plugin_model_names():
+    """The ``--model`` names this plugin adds, in alphabetical order."""
+    names = []
+    for module_path in _plugin_model_modules():
+        module = importlib.import_module(module_path)
+        names += [
+            name for name, obj in vars(module).items()
+            if isinstance(obj, type) and obj.__module__ == module_path and name.lower() == module_path.rsplit(".", 1)[-1]
+        ]
+    return sorted(names)
+
+
+def get_model(model_name):
+    """The model class for ``model_name``: ``recbole_llm.model.<type>.<name lowercased>.<name>``, else RecBole's."""
+    module_name = model_name.lower()
+    for subpackage in MODEL_SUBPACKAGES:
+        module_path = f"recbole_llm.model.{subpackage}.{module_name}"
+        if importlib.util.find_spec(f"recbole_llm.model.{subpackage}") and importlib.util.find_spec(module_path):
+            return getattr(importlib.import_module(module_path), model_name)
+    if not _recbole_has_model_file(module_name):
+        known = ", ".join(plugin_model_names()) or "(none yet)"
+        raise RecBoleLLMError(
+            f"unknown model '{model_name}'. recbole_llm models: {known}; "
+            f"or any RecBole model, e.g. SASRec, GRU4Rec, BERT4Rec, BPR (names are case-sensitive)."
+        )
+    return recbole_get_model(model_name)
+
+
+def _recbole_has_model_file(module_name):
+    # Looked up on disk: asking RecBole would import exlib_recommender, which needs lightgbm and xgboost.
+    import recbole.model
+
+    return any(Path(recbole.model.__file__).parent.glob(f"*_recommender/{module_name}.py"))
+
+
+def get_trainer(model_type, model_name):
+    """``recbole_llm.trainer.<Model>Trainer`` when a model needs its own, else RecBole's choice."""
+    trainer_module = importlib.import_module("recbole_llm.trainer")
+    trainer = getattr(trainer_module, model_name + "Trainer", None)
+    return trainer or recbole_get_trainer(model_type, model_name)
+
+
+def _atomic_files_present(config):
+    data_path, dataset = config["data_path"], config["dataset"]
+    if config["benchmark_filename"]:
+        names = [f"{dataset}.{part}.inter" for part in config["benchmark_filename"]]
+    else:
+        names = [f"{dataset}.inter"]
+    return os.path.isdir(data_path) and all(os.path.isfile(os.path.join(data_path, n)) for n in names)
+
+
+def _download_url(dataset):
+    from recbole import data as recbole_data
+
+    url_file = os.path.join(os.path.dirname(recbole_data.__file__), "..", "properties", "dataset", "url.yaml")
+    with open(url_file, encoding="utf-8") as f:
+        return (yaml.safe_load(f) or {}).get(dataset)
+
+
+def _reachable(url, timeout=3.0):
+    host = urlparse(url).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_dataset_available(config):
+    """Fail fast, naming the fix, when the atomic files are missing and RecBole cannot download them.
+
+    RecBole would otherwise try its download URL and hang without a network, or ask on stdin.
+    """
+    if _atomic_files_present(config):
+        return
+    dataset, data_path = config["dataset"], config["data_path"]
+    url = _download_url(dataset)
+    if url and _reachable(url):
+        return  # RecBole downloads it
+    hint = (
+        f" Convert the GroupLens raw files with: python -m recbole_llm.data.convert_ml1m "
+        f"--raw_dir <folder with ratings.dat, movies.dat, users.dat> --name {dataset} "
+        f"--out_dir {os.path.dirname(os.path.normpath(data_path)) or '.'}"
+        if dataset.startswith("ml-1m")
+        else f" Put the atomic files ({dataset}.inter and optionally .item/.user) in {data_path}, "
+             f"or set data_path to the folder that holds '{dataset}/'."
+    )
+    reason = "no network to download it" if url else "RecBole has no download for it"
+    raise RecBoleLLMError(f"dataset '{dataset}' not found: {data_path}/{dataset}.inter does not exist ({reason}).{hint}")
+
+
+def create_dataset(config):
+    """RecBole's ``create_dataset`` after checking that the dataset exists."""
+    check_dataset_available(config)
+    return recbole_create_dataset(config)
