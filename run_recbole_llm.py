@@ -6,6 +6,7 @@ With no arguments it runs the embedded default, DEFAULT_MODEL on the ml-100k bun
 DEFAULT_EPOCHS epochs: a few-minute offline smoke run on a 2-core CPU.
 """
 import argparse
+import json
 import sys
 
 DEFAULT_MODEL = "SASRec"
@@ -49,8 +50,8 @@ def main():
         print(f"run_recbole_llm: error: {error}", file=sys.stderr)
         return 2
     if result is not None:
-        print(f"best valid: {dict(result['best_valid_result'])}")
-        print(f"test result: {dict(result['test_result'])}")
+        for label, metrics in (("best valid", result["best_valid_result"]), ("test result", result["test_result"])):
+            print(f"{label}: " + json.dumps({name: float(value) for name, value in metrics.items()}))
     return 0
 
 
