@@ -12,9 +12,9 @@ from recbole_llm.utils import RecBoleLLMError, get_model
 
 
 def properties_dir():
-    """The plugin's default YAML: ``properties/`` beside the package in a clone, else the installed copy."""
+    """The plugin's default YAML: the installed package data, else ``properties/`` beside the package in a clone."""
     package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir.parent / "properties", package_dir / "properties"):
+    for candidate in (package_dir / "properties", package_dir.parent / "properties"):
         if (candidate / "overall.yaml").is_file():
             return candidate
     raise RecBoleLLMError(f"recbole_llm's properties/overall.yaml is missing beside {package_dir}; reinstall the package.")

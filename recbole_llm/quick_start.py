@@ -156,6 +156,8 @@ def load_data_and_model(model_file):
         raise RecBoleLLMError(f"'{model_file}' is not a RecBole checkpoint (no 'config'/'state_dict'); "
                               f"pass a .pth file saved by a training run.")
     config = checkpoint["config"]
+    if config["device"].type == "cuda" and not torch.cuda.is_available():
+        config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -166,7 +168,13 @@ def load_data_and_model(model_file):
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RecBoleLLMError, RuntimeError) as error:
+        raise RecBoleLLMError(
+            f"checkpoint '{model_file}' does not load as model '{config['model']}' on dataset '{config['dataset']}': "
+            f"{str(error).splitlines()[0]} Use a checkpoint saved by that model on that dataset."
+        ) from None
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -1,0 +1,103 @@
+"""Each RecBole 1.2.1 compatibility fix of recbole_llm.compat, tested where it would fail without the fix."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.data import create_dataset, data_preparation
+
+import recbole_llm  # noqa: F401  (applies the fixes)
+from conftest import run_python, tiny_config, write_tiny_dataset
+from recbole_llm import compat
+from recbole_llm.quick_start import objective_function
+
+
+def test_recbole_config_builds_and_metrics_use_numpy_aliases(tiny):
+    # RecBole's own compatibility_settings reads np.float_, removed in numpy 2.
+    config, _ = tiny
+    RecBoleConfig(model="SASRec", config_dict={**config, "train_neg_sample_args": None})
+    assert np.float is np.float64 and np.bool is np.bool_ and np.int is np.int_
+    from recbole.evaluator.metrics import NDCG
+
+    # np.float inside NDCG: two users, the hit at rank 1 and at rank 2 -> (1 + 1/log2(3)) / 2.
+    pos_index = np.array([[True, False], [False, True]])
+    ndcg = NDCG({"topk": [2], "metric_decimal_place": 4}).metric_info(pos_index, np.array([1, 1]))
+    assert ndcg[:, 1] == pytest.approx([1.0, 1 / np.log2(3)])
+
+
+def _write_item_file_with_gaps(folder):
+    (folder / "test.item").write_text(
+        "item_id:token\tgenre:token_seq\tprice:float\tbrand:token\n"
+        "1\tAction Drama\t10.0\tacme\n"
+        "2\t\t\t\n"                      # empty sequence, missing float, missing token
+        "3\tComedy\t20.0\tglobex\n",
+        encoding="utf-8",
+    )
+
+
+def test_empty_and_missing_cells_are_filled_under_pandas3(tmp_path):
+    # pandas 3 makes RecBole's chained fillna(inplace=True) a no-op and changes Series.agg(len).
+    folder = write_tiny_dataset(tmp_path / "data")
+    _write_item_file_with_gaps(folder)
+    config = RecBoleConfig(model="BPR", config_dict=tiny_config(
+        tmp_path, load_col={"inter": ["user_id", "item_id"], "item": ["item_id", "genre", "price", "brand"]}))
+    dataset = create_dataset(config)
+
+    item_id = {token: i for i, token in enumerate(dataset.field2id_token["item_id"])}
+    genre, price, brand = (dataset.item_feat[f] for f in ("genre", "price", "brand"))
+    genre_tokens = dataset.field2id_token["genre"]
+    assert [genre_tokens[t] for t in genre[item_id["1"]] if t] == ["Action", "Drama"]
+    assert [genre_tokens[t] for t in genre[item_id["3"]] if t] == ["Comedy"]
+    assert genre[item_id["2"]].sum() == 0  # the empty cell is an empty (all-padding) sequence
+    assert brand[item_id["2"]] == 0  # missing token -> [PAD]
+    assert price[item_id["2"]] == pytest.approx(15.0)  # missing float -> mean of 10 and 20
+
+
+def test_pandas2_semantics_are_scoped():
+    s = pd.Series([np.array([1, 2]), np.array([3])])
+    with compat.pandas2_semantics():
+        assert list(s.agg(len)) == [2, 1]
+    assert pd.read_csv.__name__ == "read_csv" and pd.Series.agg.__name__ == "aggregate"
+
+
+def test_best_model_reload_and_resume_with_weights_only_default(tiny):
+    # torch >= 2.6 refuses RecBole's checkpoints (they pickle the Config) unless the load is trusted.
+    config, tmp_path = tiny
+    result = objective_function(config_dict={**config, "model": "GRU4Rec", "train_neg_sample_args": None}, saved=True)
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1
+    checkpoint = next((tmp_path / "saved").glob("GRU4Rec-*.pth"))
+    with pytest.raises(Exception):
+        torch.load(checkpoint)  # the unpatched default: refused
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # the switch does not leak
+
+    from recbole.trainer import Trainer
+    from recbole_llm.config import Config
+    from recbole_llm.utils import get_model
+
+    cfg = Config(model="GRU4Rec", config_dict={**config, "train_neg_sample_args": None})
+    train, _, _ = data_preparation(cfg, create_dataset(cfg))
+    trainer = Trainer(cfg, get_model("GRU4Rec")(cfg, train._dataset))
+    trainer.resume_checkpoint(checkpoint)
+    assert trainer.start_epoch == 1
+
+
+def test_no_ray_no_recbole_quick_start_and_anomaly_off(tmp_path):
+    write_tiny_dataset(tmp_path / "data")
+    code = (
+        "import sys, torch, recbole.model.sequential_recommender\n"
+        "assert torch.is_anomaly_enabled()  # RecBole's sine.py turns it on at import\n"
+        "from recbole_llm.quick_start import objective_function\n"
+        "assert not torch.is_anomaly_enabled()\n"
+        f"objective_function(config_dict={tiny_config(tmp_path, model='SASRec', train_neg_sample_args=None)!r}, saved=False)\n"
+        "assert not torch.is_anomaly_enabled()\n"
+        "assert 'ray' not in sys.modules and 'recbole.quick_start' not in sys.modules, sorted(sys.modules)\n"
+        "print('OK')\n"
+    )
+    proc = run_python(["-c", code])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+
+
+def test_keep_freed_memory_sets_glibc_thresholds():
+    assert compat.keep_freed_memory() is True
