@@ -171,10 +171,11 @@ def load_data_and_model(model_file):
     try:
         model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
         model.load_state_dict(checkpoint["state_dict"])
-    except (RecBoleLLMError, RuntimeError) as error:
+    except Exception as error:  # a foreign state dict or config fails in many ways; name the checkpoint for all
+        first_line = (str(error).splitlines() or [""])[0]
         raise RecBoleLLMError(
-            f"checkpoint '{model_file}' does not load as model '{config['model']}' on dataset '{config['dataset']}': "
-            f"{str(error).splitlines()[0]} Use a checkpoint saved by that model on that dataset."
-        ) from None
+            f"checkpoint '{model_file}' does not load as model '{config['model']}' on dataset '{config['dataset']}' "
+            f"({type(error).__name__}: {first_line}). Use a checkpoint saved by that model on that dataset."
+        ) from error
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
