@@ -96,16 +96,6 @@ def pandas2_semantics():
         pd.read_csv, pd.Series.agg = read_csv, agg
 
 
-def _with_pandas2_semantics(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with pandas2_semantics():
-            return method(*args, **kwargs)
-
-    wrapper.__recbole_llm_patched__ = True
-    return wrapper
-
-
 @contextlib.contextmanager
 def trusted_checkpoint_load():
     """Let ``torch.load`` unpickle RecBole's own checkpoints, which store the Config object.
@@ -126,14 +116,19 @@ def trusted_checkpoint_load():
             os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def _with_trusted_checkpoint_load(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with trusted_checkpoint_load():
-            return method(*args, **kwargs)
+def _run_within(context):
+    """A patch maker: the patched RecBole method runs inside ``context()``."""
 
-    wrapper.__recbole_llm_patched__ = True
-    return wrapper
+    def make_wrapper(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            with context():
+                return method(*args, **kwargs)
+
+        wrapper.__recbole_llm_patched__ = True
+        return wrapper
+
+    return make_wrapper
 
 
 def _ddp_for_module_device(ddp_class):
@@ -189,8 +184,8 @@ def apply():
 
     Config.compatibility_settings = _numpy_safe_compatibility_settings
     Dataset._fill_nan = _fill_nan_copy_on_write
-    _patch(Dataset, "_from_scratch", _with_pandas2_semantics)
-    _patch(trainer_module.Trainer, "evaluate", _with_trusted_checkpoint_load)
-    _patch(trainer_module.Trainer, "resume_checkpoint", _with_trusted_checkpoint_load)
+    _patch(Dataset, "_from_scratch", _run_within(pandas2_semantics))
+    _patch(trainer_module.Trainer, "evaluate", _run_within(trusted_checkpoint_load))
+    _patch(trainer_module.Trainer, "resume_checkpoint", _run_within(trusted_checkpoint_load))
     _patch(trainer_module, "DistributedDataParallel", _ddp_for_module_device)
     disable_anomaly_detection()
