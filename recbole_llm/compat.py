@@ -25,10 +25,9 @@ NUMPY_ALIASES = {
     "unicode": np.str_,
 }
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-# The largest mmap threshold glibc accepts on 64-bit builds (DEFAULT_MMAP_THRESHOLD_MAX).
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+# glibc mallopt parameters (malloc.h), and how much freed heap to keep / grow by at a time.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_KEEP_BYTES, _TOP_PAD_BYTES = 2**31 - 1, 256 * 1024 * 1024
 
 
 def install_numpy_aliases():
@@ -158,20 +157,20 @@ def disable_anomaly_detection():
 
 
 def keep_freed_memory():
-    """Stop glibc from returning large tensor buffers to the OS after each step.
+    """Stop glibc from handing large tensor buffers back to the OS after each step.
 
-    On VMs where first-touch of fresh pages is slow, re-faulting freed buffers doubled the step time of SASRec.
-    Raising the mmap and trim thresholds keeps freed buffers in the heap for reuse. Returns False where the C
-    library is not glibc, where nothing is changed.
+    glibc serves allocations above its mmap threshold (at most 32 MB through mallopt) with fresh mmaps and unmaps
+    them on free; on VMs where first-touch of pages is slow, re-faulting them every step doubled SASRec's step time.
+    With mmap off for malloc and a high trim threshold, freed buffers stay in the heap and are reused. Returns False
+    where the C library is not glibc, where nothing is changed.
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    ok &= mallopt(_M_TOP_PAD, 256 * 1024 * 1024)
+    ok = mallopt(_M_MMAP_MAX, 0)
+    ok &= mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+    ok &= mallopt(_M_TOP_PAD, _TOP_PAD_BYTES)
     return bool(ok)
 
 
