@@ -77,7 +77,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(model)
     _log_flops(model, dataset, config, logger)
 
-    trainer = _build_trainer(config, model)
+    trainer = _build_trainer(config, model, dataset, valid_data, test_data)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -111,10 +111,20 @@ def _log_flops(model, dataset, config, logger):
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
 
-def _build_trainer(config, model):
+def _build_trainer(config, model, dataset, valid_data, test_data):
+    """The model's trainer, with the shared checkpoint name and, for sequential models, the long-tail group metrics.
+
+    ``dataset`` (the whole dataset) and the evaluation loaders define the groups' training split.
+    """
+    from recbole.utils import ModelType
+
+    from recbole_llm.evaluator import attach_group_metrics
+
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if config["llm_checkpoint_name"]:
         trainer.saved_model_file = os.path.join(config["checkpoint_dir"], config["llm_checkpoint_name"])
+    if config["llm_group_metrics"] and config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        attach_group_metrics(trainer, config, dataset, (valid_data, test_data))
     return trainer
 
 
@@ -131,7 +141,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    trainer = _build_trainer(config, model)
+    trainer = _build_trainer(config, model, dataset, valid_data, test_data)
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
     test_result = trainer.evaluate(test_data, load_best_model=saved)
     return {

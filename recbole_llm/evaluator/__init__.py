@@ -1,0 +1,7 @@
+"""Evaluation additions to RecBole: long-tail group metrics."""
+from recbole_llm.evaluator.group_metrics import (GROUPS, GroupCollector, GroupEvaluator, LongTailGroups,
+                                                 attach_group_metrics, dataset_interactions, group_key,
+                                                 head_threshold, training_counts)
+
+__all__ = ["GROUPS", "GroupCollector", "GroupEvaluator", "LongTailGroups", "attach_group_metrics",
+           "dataset_interactions", "group_key", "head_threshold", "training_counts"]
