@@ -122,6 +122,22 @@ def check_dataset_available(config):
 
 
 def create_dataset(config):
-    """RecBole's ``create_dataset`` after checking that the dataset exists."""
+    """RecBole's ``create_dataset`` after checking the train mode and that the dataset exists.
+
+    ``llm_train_mode: all_positions`` gives an ``AllPositionsDataset`` (one training sequence per user, DESIGN.md
+    §6); it is an error for a model that does not declare the mode in ``llm_train_modes``.
+    """
+    from recbole_llm.data.dataset import TRAIN_MODES, AllPositionsDataset, train_modes  # that module imports this one
+
+    mode = config["llm_train_mode"] or "prefix"  # configs saved before the key existed lack it
+    if mode not in TRAIN_MODES:
+        raise RecBoleLLMError(f"config key 'llm_train_mode' must be one of {', '.join(TRAIN_MODES)}, got {mode!r}.")
+    if mode not in train_modes(get_model(config["model"])):
+        able = [name for name in plugin_model_names() if mode in train_modes(get_model(name))]
+        raise RecBoleLLMError(
+            f"model '{config['model']}' does not support llm_train_mode '{mode}'; the models that do: "
+            f"{', '.join(able) or '(none)'}. Use one of them, or set llm_train_mode: prefix."
+        )
     check_dataset_available(config)
-    return recbole_create_dataset(config)
+    dataset = recbole_create_dataset(config)
+    return AllPositionsDataset.adopt(dataset) if mode == "all_positions" else dataset

@@ -1,0 +1,243 @@
+"""llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset and SASRecAP, its SASRec baseline."""
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation
+from recbole.data.interaction import Interaction
+from recbole.model.sequential_recommender.sasrec import SASRec
+from recbole.utils import init_seed
+
+from recbole_llm.config import Config
+from recbole_llm.data.dataset import AllPositionsDataset
+from recbole_llm.model.sequential_recommender.sasrecap import SASRecAP
+from recbole_llm.quick_start import objective_function
+from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
+
+TARGETS = "item_id_target_list"
+
+
+def prepare(tiny, model="SASRecAP", **overrides):
+    """(config, train, valid, test loaders) of the tiny dataset."""
+    config_dict, _ = tiny
+    config = Config(model=model, config_dict={**config_dict, **overrides})
+    init_seed(config["seed"], config["reproducibility"])
+    return (config, *data_preparation(config, create_dataset(config)))
+
+
+def both_models(config, dataset, seed=7):
+    """SASRecAP holding the weights of a RecBole SASRec drawn with another seed than SASRecAP's, both in eval mode."""
+    init_seed(config["seed"], True)
+    ours = SASRecAP(config, dataset)
+    init_seed(seed, True)
+    stock = SASRec(config, dataset)
+    ours.load_state_dict(stock.state_dict())  # strict: the same parameter names and shapes
+    return ours.eval(), stock.eval()
+
+
+def hand_batch():
+    """Two left-aligned sequences of lengths 4 and 2 with their next-item targets, 0 for padding."""
+    item_seq = torch.zeros(2, 20, dtype=torch.long)
+    targets = torch.zeros_like(item_seq)
+    item_seq[0, :4], targets[0, :4] = torch.tensor([5, 3, 9, 12]), torch.tensor([3, 9, 12, 40])
+    item_seq[1, :2], targets[1, :2] = torch.tensor([7, 2]), torch.tensor([2, 8])
+    return Interaction({"item_id_list": item_seq, "item_length": torch.tensor([4, 2]), TARGETS: targets})
+
+
+def prefix_states(stock, batch):
+    """RecBole SASRec's output for every prefix of every row, in order: the samples of RecBole's prefix mode."""
+    states = []
+    for row, length in zip(batch["item_id_list"], batch["item_length"].tolist()):
+        for p in range(length):
+            prefix = torch.zeros_like(row)
+            prefix[: p + 1] = row[: p + 1]
+            states.append(stock.forward(prefix[None], torch.tensor([p + 1]))[0])
+    return states
+
+
+# (a) the same network as RecBole's SASRec
+
+def test_same_parameters_and_initialisation_as_sasrec(tiny):
+    config, train, _, _ = prepare(tiny)
+    init_seed(config["seed"], True)
+    ours = SASRecAP(config, train.dataset)
+    init_seed(config["seed"], True)
+    stock = SASRec(config, train.dataset)
+    theirs = stock.state_dict()
+    assert list(ours.state_dict()) == list(theirs)
+    assert all(torch.equal(value, theirs[name]) for name, value in ours.state_dict().items())
+
+
+def test_last_position_scores_equal_sasrec_on_same_weights(tiny):
+    config, train, valid, _ = prepare(tiny)
+    ours, stock = both_models(config, train.dataset)
+    batch = next(iter(valid))[0]
+    assert len(set(batch["item_length"].tolist())) > 1  # sequences of several lengths, so padding differs
+    with torch.no_grad():
+        assert torch.equal(ours.full_sort_predict(batch), stock.full_sort_predict(batch))
+        assert torch.equal(ours.predict(batch), stock.predict(batch))
+
+
+def test_prefix_mode_runs_exactly_as_sasrec(tiny):
+    sasrec = objective_function({**tiny[0], "model": "SASRec"}, saved=False)
+    ours = objective_function({**tiny[0], "model": "SASRecAP", "llm_train_mode": "prefix"}, saved=False)
+    assert ours["best_valid_result"] == sasrec["best_valid_result"]
+    assert ours["test_result"] == sasrec["test_result"]
+
+
+# (b) the causal mask
+
+def test_an_item_changes_only_its_own_and_later_positions(tiny):
+    config, train, _, _ = prepare(tiny)
+    ours, _ = both_models(config, train.dataset)
+    feat = train.dataset.inter_feat
+    seq = feat["item_id_list"][feat["item_length"] == 20][:8]  # full sequences
+    assert len(seq) == 8
+    changed = seq.clone()
+    changed[:, 6] = seq[:, 6] % (ours.n_items - 1) + 1  # another real item at position 6
+    with torch.no_grad():
+        before, after = ours.encode(seq), ours.encode(changed)
+    assert torch.equal(before[:, :6], after[:, :6])
+    assert not torch.isclose(before[:, 6:], after[:, 6:]).all(dim=-1).any()
+
+
+# (c) the loss against hand computations, (d) padding
+
+def test_ce_loss_is_the_mean_of_prefix_cross_entropies(tiny):
+    config, train, _, _ = prepare(tiny)
+    ours, stock = both_models(config, train.dataset)
+    batch = hand_batch()
+    targets = batch[TARGETS][batch[TARGETS] > 0].tolist()
+    with torch.no_grad():
+        hand = [-torch.log_softmax(state @ stock.item_embedding.weight.T, -1)[target]
+                for state, target in zip(prefix_states(stock, batch), targets)]
+        assert len(hand) == 6
+        assert torch.allclose(ours.calculate_loss(batch), torch.stack(hand).mean(), atol=1e-6)
+
+
+def test_bpr_loss_uses_one_negative_per_position(tiny):
+    config, train, _, _ = prepare(tiny, loss_type="BPR")
+    ours, stock = both_models(config, train.dataset)
+    drawn = []
+    sample = ours.sample_negatives
+    ours.sample_negatives = lambda positives: drawn.append(sample(positives)) or drawn[-1]
+    batch = hand_batch()
+    targets = batch[TARGETS][batch[TARGETS] > 0]
+    with torch.no_grad():
+        loss = ours.calculate_loss(batch)
+        emb = stock.item_embedding.weight
+        hand = [-torch.log(1e-10 + torch.sigmoid(state @ emb[pos] - state @ emb[neg]))
+                for state, pos, neg in zip(prefix_states(stock, batch), targets, drawn[0])]
+    assert drawn[0].shape == targets.shape
+    assert torch.allclose(loss, torch.stack(hand).mean(), atol=1e-6)
+
+
+def test_negatives_are_uniform_over_items_other_than_the_positive(tiny):
+    config, train, _, _ = prepare(tiny, loss_type="BPR")
+    model = SASRecAP(config, train.dataset)
+    torch.manual_seed(0)
+    negatives = model.sample_negatives(torch.full((50_000,), 3))
+    assert set(negatives.tolist()) == set(range(1, model.n_items)) - {3}
+
+
+def test_padding_positions_get_no_gradient(tiny):
+    config, train, _, _ = prepare(tiny)
+    ours, _ = both_models(config, train.dataset)
+    encode, kept = ours.encode, []
+
+    def encode_keeping_grad(item_seq):
+        out = encode(item_seq)
+        out.retain_grad()
+        kept.append(out)
+        return out
+
+    ours.encode = encode_keeping_grad
+    batch = hand_batch()
+    ours.calculate_loss(batch).backward()
+    grad_norm = kept[0].grad.norm(dim=-1)
+    padding = batch[TARGETS] == 0
+    assert bool((grad_norm[padding] == 0).all()) and bool((grad_norm[~padding] > 0).all())
+
+
+# (e) the training rows, (h) valid and test unchanged
+
+def raw_histories(tiny, dataset):
+    """Each user's internal item ids in RecBole's order, read from the .inter file.
+
+    RecBole sorts by timestamp as float32 (64-second steps at ml-100k's times), ties keeping the file order.
+    """
+    _, path = tiny
+    lines = (path / "data" / "test" / "test.inter").read_text(encoding="utf-8").splitlines()[1:]
+    by_user = defaultdict(list)
+    for line in lines:
+        user, item, _, stamp = line.split("\t")
+        by_user[user].append((np.float32(stamp), len(by_user[user]), dataset.field2token_id["item_id"][item]))
+    user_ids = dataset.field2token_id["user_id"]
+    return {user_ids[user]: [item for *_, item in sorted(rows)] for user, rows in by_user.items()}
+
+
+def test_one_row_per_user_holding_the_last_training_items(tiny):
+    config, train, _, _ = prepare(tiny)
+    assert isinstance(train.dataset, AllPositionsDataset)
+    feat = train.dataset.inter_feat
+    histories = raw_histories(tiny, train.dataset)
+    assert sorted(feat["user_id"].tolist()) == sorted(histories)  # one row for each user
+    window = config["MAX_ITEM_LIST_LENGTH"] + 1
+    truncated = 0
+    for user, items, length, last, targets in zip(feat["user_id"].tolist(), feat["item_id_list"], feat["item_length"],
+                                                 feat["item_id"].tolist(), feat[TARGETS]):
+        sequence = items[:length].tolist() + [last]
+        training_items = histories[user][:-2]  # leave-one-out: the last two are valid and test
+        assert sequence == training_items[-window:]
+        assert targets[:length].tolist() == sequence[1:] and not targets[length:].any()
+        truncated += len(training_items) > window
+    assert 0 < truncated < len(histories)  # both short and truncated histories were checked
+
+
+def test_valid_and_test_are_those_of_prefix_mode(tiny):
+    _, train, valid, test = prepare(tiny)
+    _, prefix_train, prefix_valid, prefix_test = prepare(tiny, llm_train_mode="prefix")
+    for ours, theirs in ((valid, prefix_valid), (test, prefix_test)):
+        assert set(ours.dataset.inter_feat.columns) == set(theirs.dataset.inter_feat.columns)
+        assert all(torch.equal(ours.dataset.inter_feat[f], theirs.dataset.inter_feat[f])
+                   for f in theirs.dataset.inter_feat.columns)
+    assert len(prefix_train.dataset) > 10 * len(train.dataset)
+
+
+# (f) end to end
+
+def test_one_epoch_end_to_end(tiny):
+    result = objective_function({**tiny[0], "model": "SASRecAP"}, saved=False)
+    assert 0 <= result["test_result"]["ndcg@10"] <= 1
+
+
+def test_loss_goes_down_on_a_tiny_dataset(tiny):
+    config, train, _, _ = prepare(tiny, learning_rate=0.01, train_batch_size=8)
+    init_seed(config["seed"], True)
+    model = SASRecAP(config, train.dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    losses = [trainer._train_epoch(train, epoch, show_progress=False) for epoch in range(5)]
+    assert losses[-1] < losses[0]
+
+
+# (g) errors
+
+def test_stock_model_with_all_positions_names_the_key_and_the_models(tiny):
+    config = Config(model="SASRec", config_dict={**tiny[0], "llm_train_mode": "all_positions"})
+    with pytest.raises(RecBoleLLMError, match=r"'SASRec' does not support llm_train_mode 'all_positions'.*SASRecAP"):
+        create_dataset(config)
+
+
+def test_unknown_train_mode_is_an_error(tiny):
+    config = Config(model="SASRecAP", config_dict={**tiny[0], "llm_train_mode": "every_prefix"})
+    with pytest.raises(RecBoleLLMError, match=r"'llm_train_mode' must be one of prefix, all_positions, got 'every_"):
+        create_dataset(config)
+
+
+def test_sasrecap_refuses_a_dataset_without_targets(tiny):
+    config = Config(model="SASRecAP", config_dict=tiny[0])
+    train, _, _ = data_preparation(config, recbole_create_dataset(config))
+    with pytest.raises(RecBoleLLMError, match=r"needs the field 'item_id_target_list'"):
+        SASRecAP(config, train.dataset)
