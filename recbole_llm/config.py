@@ -3,6 +3,7 @@ import os
 import re
 from pathlib import Path
 
+import recbole
 import torch
 import yaml
 from recbole.config import Config as RecBoleConfig
@@ -45,6 +46,22 @@ def declared_types(yaml_file):
                 if all(name in _TYPE_CHECKS for name in names):
                     types[match.group(1)] = names
     return types
+
+
+def _model_yaml_files(model_class, props):
+    """The model YAML of each class a recbole_llm model derives from, base classes first.
+
+    ``LLMESR_SASRec`` thus gets RecBole's ``SASRec.yaml``, then our ``DualLLM.yaml``, ``DualLLMSASRec.yaml``,
+    ``LLMESR.yaml`` and ``LLMESR_SASRec.yaml``: defaults are written once, where the mechanism is. A stock model
+    gets only its own file (RecBole has loaded its own already).
+    """
+    recbole_models = Path(recbole.__file__).parent / "properties" / "model"
+    if not model_class.__module__.startswith("recbole_llm."):
+        return [props / "model" / f"{model_class.__name__}.yaml"]
+    files = []
+    for cls in reversed(model_class.__mro__):
+        files += [recbole_models / f"{cls.__name__}.yaml", props / "model" / f"{cls.__name__}.yaml"]
+    return files
 
 
 class Config(RecBoleConfig):
@@ -93,7 +110,8 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        for file in (props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"):
+        files = [props / "overall.yaml", *_model_yaml_files(model_class, props), props / "dataset" / f"{dataset}.yaml"]
+        for file in files:
             if file.is_file():
                 self._update_internal_config_dict(str(file))
         self._drop_negatives_for_ce(model_class)

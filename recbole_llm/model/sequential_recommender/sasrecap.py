@@ -3,6 +3,7 @@ import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_llm.data.dataset import target_list_field
+from recbole_llm.model.layers import sample_negatives
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -24,7 +25,7 @@ class SASRecAP(SASRec):
 
     With ``llm_train_mode: prefix`` it trains exactly as SASRec.
 
-    Config keys (properties/model/SASRecAP.yaml): SASRec's ``n_layers``, ``n_heads``, ``hidden_size``,
+    Config keys (RecBole's SASRec.yaml, then properties/model/SASRecAP.yaml): SASRec's ``n_layers``, ``n_heads``, ``hidden_size``,
     ``inner_size``, ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``,
     ``initializer_range``, ``loss_type``, and ``llm_train_mode`` (``all_positions`` by default here).
     """
@@ -61,14 +62,9 @@ class SASRecAP(SASRec):
         states = self.encode(interaction[self.ITEM_SEQ])[supervised]  # [N H], N = non-padding positions
         positives = targets[supervised]
         if self.loss_type == "BPR":
-            negatives = self.sample_negatives(positives)
+            negatives = sample_negatives(positives, self.n_items)
             pos_score = (states * self.item_embedding(positives)).sum(-1)
             neg_score = (states * self.item_embedding(negatives)).sum(-1)
             return self.loss_fct(pos_score, neg_score)
         logits = states @ self.item_embedding.weight.T
         return self.loss_fct(logits, positives)
-
-    def sample_negatives(self, positives):
-        """One item per positive, uniform over the items 1..n_items-1 other than that positive."""
-        draws = torch.randint(1, self.n_items - 1, positives.shape, device=positives.device)
-        return draws + (draws >= positives).long()  # shifting past the positive skips it and stays uniform

@@ -1,0 +1,43 @@
+"""DualLLMBert4Rec: LLM-ESR's dual-view model over RecBole's BERT4Rec.
+
+Reference: Qidong Liu et al. "LLM-ESR: Large Language Models Enhancement for Long-tailed Sequential
+Recommendation." NeurIPS 2024. Official code: github.com/liuqidong07/LLM-ESR (models/DualLLMSRS.py).
+
+Config keys (properties/model/DualLLM.yaml, on top of RecBole's BERT4Rec.yaml): ``llmesr_adapter_layers``,
+``llmesr_cross_attention``, ``llmesr_cross_attention_heads``, ``llmesr_id_init``, ``llmesr_use_id_view``,
+``llmesr_use_llm_view``, ``loss_type`` (CE, BPR or BCE), and the side-data keys ``llm_*``.
+
+Both tables keep a row for the [MASK] token (id ``n_items``): the ID table's is learnt, the LLM table's is zeros,
+as in the official code. Training uses RecBole's masked-item batches (``transform: mask_itemseq``), so only the
+prefix train mode applies: a bidirectional encoder must never see its own targets.
+"""
+from recbole.model.sequential_recommender import BERT4Rec
+
+from recbole_llm.model.abstract_recommender import DualLLM, TransformerViews
+
+
+class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
+    """Dual-view (ID + LLM) BERT4Rec with an optional cross-view attention (see the module docstring)."""
+
+    llm_train_modes = ("prefix",)
+
+    def _encode(self, view, item_seq):
+        mask = self.get_attention_mask(item_seq, bidirectional=True)
+        hidden = self.trm_encoder(view, mask, output_all_encoded_layers=True)[-1]
+        return self.output_ln(self.output_gelu(self.output_ffn(hidden)))
+
+    def forward(self, item_seq, item_seq_len):
+        # Append [MASK] after the last item (dropping the first if full) and read the features there.
+        return super().forward(self.reconstruct_test_data(item_seq, item_seq_len), item_seq_len)
+
+    def item_bias(self, items):
+        return self.output_bias[items]
+
+    def _rec_outputs_and_targets(self, interaction):
+        masked_index = interaction[self.MASK_INDEX]  # [B, M]: positions of the masked items, 0 = unused slot
+        features = self.sequence_features(interaction[self.MASK_ITEM_SEQ])
+        outputs = features.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, features.size(-1)))
+        targets = interaction[self.POS_ITEMS]
+        valid = targets > 0
+        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return outputs[valid], targets[valid], users

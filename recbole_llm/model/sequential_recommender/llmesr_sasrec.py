@@ -1,0 +1,16 @@
+"""LLMESR_SASRec: LLM-ESR over RecBole's SASRec, the dual-view DualLLMSASRec plus retrieval-augmented
+self-distillation.
+
+Reference: Qidong Liu et al. "LLM-ESR: Large Language Models Enhancement for Long-tailed Sequential
+Recommendation." NeurIPS 2024. Official code: github.com/liuqidong07/LLM-ESR (models/LLMESR.py).
+
+Config keys: those of DualLLMSASRec, plus (properties/model/LLMESR.yaml) llmesr_distill, llmesr_sim_user_num,
+llmesr_user_sim_func (kd or cl), llmesr_alpha, llmesr_teacher (batch or epoch), llmesr_item_reg
+and llmesr_beta. The similar users come from the side-data cache (llm_similar_users kept per user).
+"""
+from recbole_llm.model.abstract_recommender import LLMESR
+from recbole_llm.model.sequential_recommender.dualllmsasrec import DualLLMSASRec
+
+
+class LLMESR_SASRec(LLMESR, DualLLMSASRec):
+    """LLM-ESR with the SASRec backbone (see the module docstring)."""

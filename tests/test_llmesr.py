@@ -1,0 +1,189 @@
+"""LLM-ESR: the dual views, the frozen/trainable split, the distillation teacher, the losses and the ablation switches."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data import data_preparation
+
+from conftest import tiny_config, write_tiny_dataset
+from recbole_llm.config import Config
+from recbole_llm.model.layers import soft_contrastive_loss
+from recbole_llm.text import item_vectors, pca_item_vectors
+from recbole_llm.utils import create_dataset, get_model
+
+ITEM_COLUMNS = {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                "item": ["item_id", "movie_title", "release_year", "class"]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("llmesr")
+    write_tiny_dataset(tmp_path / "data")
+    return tmp_path
+
+
+def build(data_dir, model="LLMESR_SASRec", **overrides):
+    """(model, a training batch, config, train dataset) for one tiny configuration."""
+    config = Config(model=model, config_dict=tiny_config(data_dir, load_col=ITEM_COLUMNS, **overrides))
+    dataset = create_dataset(config)
+    train_data, _, test_data = data_preparation(config, dataset)
+    torch.manual_seed(0)
+    net = get_model(model)(config, train_data._dataset)
+    return net, next(iter(train_data)), config, train_data._dataset, test_data
+
+
+def total_loss(net, batch):
+    losses = net.calculate_loss(batch)
+    return sum(losses) if isinstance(losses, tuple) else losses
+
+
+@pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_GRU4Rec", "LLMESR_Bert4Rec"])
+def test_shapes(data_dir, model):
+    net, batch, _, _, _ = build(data_dir, model)
+    width = net.view_size
+    seq, seq_len = batch[net.ITEM_SEQ], batch[net.ITEM_SEQ_LEN]
+    assert net.forward(seq, seq_len).shape == (len(seq), 2 * width)
+    assert net.item_matrix().shape == (net.n_items, 2 * width)
+    net.eval()
+    assert net.full_sort_predict(batch).shape == (len(seq), net.n_items)
+
+
+def test_frozen_llm_table_gets_no_gradient_adapter_and_id_table_do(data_dir):
+    net, batch, *_ = build(data_dir)
+    total_loss(net, batch).backward()
+    assert not net.llm_item_embedding.weight.requires_grad and net.llm_item_embedding.weight.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.adapter.parameters())
+    assert net.item_embedding.weight.grad.abs().sum() > 0
+    assert net.llm_to_id.query.weight.grad.abs().sum() > 0
+
+
+def test_tables_hold_side_data_rows_at_step_zero(data_dir):
+    net, _, config, dataset, _ = build(data_dir)
+    llm = item_vectors(dataset, config)
+    pca = pca_item_vectors(dataset, config, net.view_size)
+    assert torch.equal(net.llm_item_embedding.weight, llm)
+    assert torch.allclose(net.item_embedding.weight, pca)
+    assert net.item_embedding.weight[0].abs().sum() == 0  # [PAD]
+
+
+def test_random_id_init_ignores_pca(data_dir):
+    net, _, config, dataset, _ = build(data_dir, llmesr_id_init="random")
+    assert not torch.allclose(net.item_embedding.weight, pca_item_vectors(dataset, config, net.view_size))
+
+
+def test_teacher_is_mean_of_similar_users_features_and_has_no_gradient(data_dir):
+    net, batch, *_ = build(data_dir, llmesr_teacher="batch")
+    net.eval()  # no dropout, so the teacher can be recomputed exactly
+    users = batch[net.USER_ID][:4]
+    teacher = net.teacher(users)
+    assert not teacher.requires_grad
+    for row, user in enumerate(users):
+        similar = net.similar_users[user]
+        feats = net.forward(net.user_seq[similar], net.user_seq_len[similar])
+        assert torch.allclose(teacher[row], feats.mean(0), atol=1e-5)
+
+
+def test_epoch_teacher_table_equals_batch_teacher_and_refreshes_on_train(data_dir):
+    net, batch, *_ = build(data_dir, llmesr_teacher="epoch")
+    net.eval()
+    users = batch[net.USER_ID][:8]
+    from_table = net.teacher(users)
+    net.teacher_mode = "batch"
+    assert torch.allclose(from_table, net.teacher(users), atol=1e-5)
+    assert net._teacher_table is not None
+    net.train()
+    assert net._teacher_table is None
+
+
+def test_user_training_sequences_exclude_the_last_training_item(data_dir):
+    net, _, _, dataset, test_data = build(data_dir)
+    test_batch = next(iter(test_data))[0]
+    user = int(test_batch[net.USER_ID][0])
+    test_seq = test_batch[net.ITEM_SEQ][0, : test_batch[net.ITEM_SEQ_LEN][0]].tolist()  # train + valid items
+    length = int(net.user_seq_len[user])
+    # Training = all but valid and test; minus its last item, it ends where the test input (train + valid, the
+    # last max_seq_length of them) ends minus two items.
+    assert len(test_seq) > 2 and net.user_seq[user, :length].tolist()[-(len(test_seq) - 2):] == test_seq[:-2]
+
+
+def test_kd_and_cl_losses_equal_hand_computation():
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    assert F.mse_loss(u, t).item() == pytest.approx(((0.5**2 + 0.5**2) + (1 + 1)) / 4)
+    # logits = u t^T = [[0.5, 1], [1, 2]]; targets = softmax((u u^T + t t^T) / 2) row-wise
+    sim = [[(1 + 0.5) / 2, (0 + 1) / 2], [(0 + 1) / 2, (4 + 2) / 2]]
+    targets = [[math.exp(a) / sum(math.exp(b) for b in row) for a in row] for row in sim]
+    logits = [[0.5, 1.0], [1.0, 2.0]]
+
+    def soft_ce(rows, target_rows):
+        total = 0.0
+        for row, target in zip(rows, target_rows):
+            log_z = math.log(sum(math.exp(v) for v in row))
+            total += -sum(p * (v - log_z) for p, v in zip(target, row))
+        return total
+
+    columns = [list(c) for c in zip(*logits)]
+    target_columns = [list(c) for c in zip(*targets)]
+    expected = (soft_ce(logits, targets) + soft_ce(columns, target_columns)) / 2 / 2
+    assert soft_contrastive_loss(u, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["CE", "BPR", "BCE"])
+@pytest.mark.parametrize("mode", ["prefix", "all_positions"])
+def test_loss_goes_down_on_a_tiny_fixture(data_dir, loss_type, mode):
+    # One batch of 16 sequences, trained on repeatedly, without dropout: small enough to overfit.
+    net, batch, *_ = build(data_dir, loss_type=loss_type, llm_train_mode=mode, train_batch_size=16,
+                           hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = total_loss(net, batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_and_reload_give_the_same_scores(data_dir, tmp_path):
+    net, batch, config, dataset, _ = build(data_dir)
+    total_loss(net, batch).backward()
+    net.eval()
+    before = net.full_sort_predict(batch)
+    torch.save(net.state_dict(), tmp_path / "m.pth")
+    torch.manual_seed(1)
+    other = get_model("LLMESR_SASRec")(config, dataset)
+    other.load_state_dict(torch.load(tmp_path / "m.pth"))
+    other.eval()
+    assert torch.allclose(before, other.full_sort_predict(batch), atol=1e-5)
+
+
+def test_eval_item_matrix_is_built_once_and_dropped_on_reload(data_dir):
+    net, batch, *_ = build(data_dir)
+    net.eval()
+    net.full_sort_predict(batch)
+    cached = net._eval_item_matrix
+    net.full_sort_predict(batch)
+    assert net._eval_item_matrix is cached
+    net.load_state_dict(net.state_dict())
+    assert net._eval_item_matrix is None
+
+
+def test_ablation_switches(data_dir):
+    full, batch, *_ = build(data_dir)
+    no_llm, *_ = build(data_dir, llmesr_use_llm_view=False, llmesr_cross_attention=False)
+    no_id, *_ = build(data_dir, llmesr_use_id_view=False, llmesr_cross_attention=False)
+    no_cross, *_ = build(data_dir, llmesr_cross_attention=False)
+    one_layer, *_ = build(data_dir, llmesr_adapter_layers=1)
+    no_sd, *_ = build(data_dir, llmesr_distill=False)
+    width = full.view_size
+    seq, seq_len = batch[full.ITEM_SEQ], batch[full.ITEM_SEQ_LEN]
+    assert no_llm.forward(seq, seq_len).shape[-1] == width and no_llm.item_matrix().shape[-1] == width
+    assert torch.equal(no_llm.item_matrix(), no_llm.item_embedding.weight[: no_llm.n_items])
+    assert torch.allclose(no_id.item_matrix(), no_id.adapter(no_id.llm_item_embedding.weight[: no_id.n_items]))
+    assert not hasattr(no_cross, "llm_to_id") and hasattr(full, "llm_to_id")
+    assert isinstance(one_layer.adapter, torch.nn.Linear) and len(full.adapter) == 2
+    assert len(full.calculate_loss(batch)) == 2 and len(no_sd.calculate_loss(batch)) == 1
+    item_reg, *_ = build(data_dir, llmesr_item_reg=True)
+    assert len(item_reg.calculate_loss(batch)) == 3
