@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 from recbole.data import data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, get_local_time, init_logger, init_seed, set_color
+from recbole.utils import ModelType, get_environment, get_flops, get_local_time, init_logger, init_seed, set_color
 
 from recbole_llm import compat
 from recbole_llm.config import Config
+from recbole_llm.evaluator import attach_group_metrics
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer
 
 
@@ -116,10 +117,6 @@ def _build_trainer(config, model, dataset, valid_data, test_data):
 
     ``dataset`` (the whole dataset) and the evaluation loaders define the groups' training split.
     """
-    from recbole.utils import ModelType
-
-    from recbole_llm.evaluator import attach_group_metrics
-
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if config["llm_checkpoint_name"]:
         trainer.saved_model_file = os.path.join(config["checkpoint_dir"], config["llm_checkpoint_name"])

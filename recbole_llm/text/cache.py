@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import recbole
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,18 @@ FORMAT_VERSION = 1
 
 def cache_folder(config, encoder):
     """The folder of ``encoder``'s entries for the configured dataset."""
-    root = config["llm_cache_dir"] or Path(config["data_path"]) / "llm_cache"
-    return Path(root) / encoder.folder_name()
+    return cache_root(config) / encoder.folder_name()
+
+
+def cache_root(config):
+    """``llm_cache_dir``, else ``<data_path>/llm_cache``; for the ml-100k bundled in RecBole's wheel (whose
+    data_path RecBole points into site-packages), ``datasets/<dataset>/llm_cache`` under the working folder."""
+    if config["llm_cache_dir"]:
+        return Path(config["llm_cache_dir"])
+    data_path = Path(config["data_path"]).resolve()
+    if Path(recbole.__file__).resolve().parent in data_path.parents:
+        return Path("datasets") / config["dataset"] / "llm_cache"
+    return data_path / "llm_cache"
 
 
 def file_sha256(path):
