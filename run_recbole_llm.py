@@ -9,9 +9,9 @@ import argparse
 import json
 import sys
 
-DEFAULT_MODEL = "SASRec"
+DEFAULT_MODEL = "LLMESR_SASRec"
 DEFAULT_DATASET = "ml-100k"
-DEFAULT_EPOCHS = 2
+DEFAULT_EPOCHS = 20
 
 
 def parse_args(argv):
