@@ -187,3 +187,17 @@ def test_ablation_switches(data_dir):
     assert len(full.calculate_loss(batch)) == 2 and len(no_sd.calculate_loss(batch)) == 1
     item_reg, *_ = build(data_dir, llmesr_item_reg=True)
     assert len(item_reg.calculate_loss(batch)) == 3
+
+
+@pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_GRU4Rec"])
+def test_no_position_reads_a_later_item(data_dir, model):
+    # In all-positions training position t predicts item t + 1: if any path (the cross-attention included) let
+    # position t see later items, the model would learn to copy its target.
+    net, batch, *_ = build(data_dir, model)
+    net.eval()
+    seq = batch[net.ITEM_SEQ][:4].clone()
+    before = net.sequence_features(seq)
+    seq[:, 6] = seq[:, 6] % (net.n_items - 1) + 1  # another real item at position 6
+    after = net.sequence_features(seq)
+    assert torch.allclose(before[:, :6], after[:, :6], atol=1e-6)
+    assert not torch.allclose(before[:, 6:], after[:, 6:])

@@ -46,12 +46,14 @@ class DualLLM:
     - Semantic view: a frozen table of LLM item vectors (the side-data cache) and a two-layer adapter to the
       backbone's width. Collaborative view: the backbone's own ID table, initialised from the PCA of the LLM vectors.
     - Both views go through the backbone's input pipeline and then, optionally, 2-head cross-attention whose outputs
-      replace each view's input; one shared encoder encodes both.
+      replace each view's input; one shared encoder encodes both. Over a causal backbone the cross-attention is
+      causal too: the official code's keys-only mask would let position t read its own target, the item at t + 1.
     - A user is ``[id features; semantic features]`` at the last position, an item ``[id_emb; adapter(llm_emb)]``.
     - Losses: RecBole's CE, BPR, or the paper's BCE; BPR and BCE draw one uniform negative per target in the model.
     """
 
     llm_train_modes = ("prefix", "all_positions")
+    causal = True  # the backbone reads only earlier positions; the cross-attention must too (BERT4Rec: False)
     input_type = InputType.POINTWISE  # negatives, when a loss needs them, are sampled in the model
     skip_flops = True
 
@@ -108,8 +110,8 @@ class DualLLM:
         id_view = self._view_input(self.item_embedding(item_seq), item_seq)
         llm_view = self._view_input(self.adapter(self.llm_item_embedding(item_seq)), item_seq)
         if self.use_cross_attention:
-            id_view, llm_view = (self.llm_to_id(llm_view, id_view, item_seq),
-                                 self.id_to_llm(id_view, llm_view, item_seq))
+            id_view, llm_view = (self.llm_to_id(llm_view, id_view, item_seq, self.causal),
+                                 self.id_to_llm(id_view, llm_view, item_seq, self.causal))
         return [view for view, used in ((id_view, self.use_id_view), (llm_view, self.use_llm_view)) if used]
 
     def sequence_features(self, item_seq):

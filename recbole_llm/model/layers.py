@@ -20,8 +20,8 @@ def llm_adapter(llm_dim, hidden_size, n_layers=2):
 class CrossViewAttention(nn.Module):
     """Multi-head attention with queries from one view and keys/values from the other (LLM-ESR).
 
-    Bias-free q/k/v projections and an output projection with bias; only padded keys are masked; no residual,
-    no LayerNorm and no dropout: the output replaces the view's input sequence.
+    Bias-free q/k/v projections and an output projection with bias; padded keys are masked (and later ones too when
+    ``causal``); no residual, no LayerNorm and no dropout: the output replaces the view's input sequence.
     """
 
     def __init__(self, hidden_size, n_heads=2):
@@ -38,10 +38,16 @@ class CrossViewAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_size).transpose(1, 2)  # [B, heads, L, d]
 
-    def forward(self, query_view, key_view, item_seq):
+    def forward(self, query_view, key_view, item_seq, causal=False):
+        """``causal`` hides later positions: under a causal encoder trained at every position, position t would
+        otherwise read the item at t + 1, its own target."""
         q, k, v = self._heads(self.query(query_view)), self._heads(self.key(key_view)), self._heads(self.value(key_view))
         scores = q @ k.transpose(-1, -2)
-        scores = scores.masked_fill((item_seq == 0)[:, None, None, :], -1e9)
+        hidden = (item_seq == 0)[:, None, None, :]
+        if causal:
+            length = item_seq.size(1)
+            hidden = hidden | torch.ones(length, length, dtype=torch.bool, device=item_seq.device).triu(1)
+        scores = scores.masked_fill(hidden, -1e9)
         attended = torch.softmax(scores / math.sqrt(self.head_size), dim=-1) @ v
         batch, _, length, _ = attended.shape
         return self.output(attended.transpose(1, 2).reshape(batch, length, -1))

@@ -20,6 +20,7 @@ class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
     """Dual-view (ID + LLM) BERT4Rec with an optional cross-view attention (see the module docstring)."""
 
     llm_train_modes = ("prefix",)
+    causal = False
 
     def _encode(self, view, item_seq):
         mask = self.get_attention_mask(item_seq, bidirectional=True)
