@@ -9,12 +9,11 @@ item sequence; other models score by user id. Items already in the history are n
 import argparse
 import sys
 
-import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 from recbole.utils import ModelType
 
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, recbole_time_order
 
 
 def _internal_ids(dataset, field, raw_tokens):
@@ -34,9 +33,7 @@ def user_history(dataset, user_id):
     rows = dataset.inter_feat[dataset.inter_feat[dataset.uid_field] == user_id]
     items = rows[dataset.iid_field].to_numpy()
     if dataset.time_field in rows:
-        # RecBole sorts float32 tensors, where nearby timestamps tie and keep file order; sort the same way.
-        times = rows[dataset.time_field].to_numpy(dtype=np.float32)
-        items = items[np.argsort(times, kind="stable")]
+        items = items[recbole_time_order(rows[dataset.time_field].to_numpy())]
     return items.tolist()
 
 

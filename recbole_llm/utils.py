@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import yaml
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.utils import get_model as recbole_get_model
@@ -17,6 +18,12 @@ MODEL_SUBPACKAGES = ("sequential_recommender", "context_aware_recommender")
 class RecBoleLLMError(Exception):
     """A user-facing error: the message names the file or key at fault and the fix. The launcher prints it
     as one line, without a traceback."""
+
+
+def recbole_time_order(times):
+    """Indices that order ``times`` as RecBole orders interactions: a stable sort of the float32 values its
+    Interaction holds, where timestamps a few seconds apart tie and keep file order."""
+    return np.argsort(np.asarray(times, dtype=np.float32), kind="stable")
 
 
 def _plugin_model_modules():

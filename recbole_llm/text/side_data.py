@@ -23,7 +23,7 @@ from recbole.data.dataset import Dataset
 from recbole_llm.text.cache import FORMAT_VERSION, CacheEntry, cache_folder, file_sha256, texts_sha256
 from recbole_llm.text.encoders import TextEncoder
 from recbole_llm.text.templates import read_item_texts, user_texts
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, recbole_time_order
 
 # Interactions that RecBole's leave-one-out split holds out of each user's history, per `eval_args.split.LS`.
 HELD_OUT = {"valid_and_test": 2, "valid_only": 1, "test_only": 1}
@@ -153,9 +153,7 @@ def training_histories(dataset, config):
     dataset = _unbuilt(dataset, config)
     frame, time_field = dataset.inter_feat, config["TIME_FIELD"]
     users, items = frame[dataset.uid_field].to_numpy(), frame[dataset.iid_field].to_numpy()
-    # RecBole sorts the times as its Interaction holds them, float32 (times seconds apart can tie), ties in file order.
-    times = frame[time_field].to_numpy(dtype=np.float32)
-    order = np.argsort(times, kind="stable")
+    order = recbole_time_order(frame[time_field].to_numpy())
     order = order[np.argsort(users[order], kind="stable")]
     users, items = users[order], _id_tokens(dataset, "item")[items[order]]
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
