@@ -148,6 +148,24 @@ def _patch(owner, name, make_wrapper):
         setattr(owner, name, make_wrapper(current))
 
 
+def _ensure_dir_race_free(dir_path):
+    """RecBole's ``ensure_dir`` checks, then creates: two DDP ranks can both pass the check, and the second
+    ``makedirs`` raises FileExistsError. Creating with ``exist_ok`` has no window."""
+    os.makedirs(dir_path, exist_ok=True)
+
+
+# RecBole modules that bound ``ensure_dir`` by name at import, so each needs its own reference replaced.
+_ENSURE_DIR_USERS = ("recbole.utils", "recbole.utils.utils", "recbole.utils.logger", "recbole.data.utils",
+                     "recbole.data.dataset.dataset", "recbole.trainer.trainer")
+
+
+def install_race_free_ensure_dir():
+    import importlib
+
+    for module_name in _ENSURE_DIR_USERS:
+        importlib.import_module(module_name).ensure_dir = _ensure_dir_race_free
+
+
 def disable_anomaly_detection():
     """RecBole's ``sine.py`` turns on autograd anomaly detection for the whole process when it is imported,
     which slows every training step 1.6-2x. Import the model package once, then turn it off."""
@@ -187,4 +205,5 @@ def apply():
     _patch(trainer_module.Trainer, "evaluate", _run_within(trusted_checkpoint_load))
     _patch(trainer_module.Trainer, "resume_checkpoint", _run_within(trusted_checkpoint_load))
     _patch(trainer_module, "DistributedDataParallel", _ddp_for_module_device)
+    install_race_free_ensure_dir()
     disable_anomaly_detection()

@@ -101,3 +101,15 @@ def test_no_ray_no_recbole_quick_start_and_anomaly_off(tmp_path):
 
 def test_keep_freed_memory_sets_glibc_thresholds():
     assert compat.keep_freed_memory() is True
+
+
+def test_ensure_dir_survives_a_concurrent_creation(tmp_path, monkeypatch):
+    """Two DDP ranks race between RecBole's exists-check and makedirs; the loser must not fail."""
+    import importlib
+
+    target = tmp_path / "saved"
+    target.mkdir()  # the other rank won the race
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # ...after this rank's check
+    for module_name in compat._ENSURE_DIR_USERS:
+        importlib.import_module(module_name).ensure_dir(str(target))
+    assert target.is_dir()
