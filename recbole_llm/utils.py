@@ -73,10 +73,11 @@ def _recbole_has_model_file(module_name):
 
 
 def get_trainer(model_type, model_name):
-    """``recbole_llm.trainer.<Model>Trainer`` when a model needs its own, else RecBole's choice."""
-    trainer_module = importlib.import_module("recbole_llm.trainer")
-    trainer = getattr(trainer_module, model_name + "Trainer", None)
-    return trainer or recbole_get_trainer(model_type, model_name)
+    """``recbole_llm.trainer.<name lowercased>.<Model>Trainer`` when a model needs its own, else RecBole's choice."""
+    module_path = f"recbole_llm.trainer.{model_name.lower()}"
+    if importlib.util.find_spec(module_path):
+        return getattr(importlib.import_module(module_path), model_name + "Trainer")
+    return recbole_get_trainer(model_type, model_name)
 
 
 def _atomic_files_present(config):
