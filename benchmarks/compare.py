@@ -3,6 +3,9 @@
     python benchmarks/compare.py --dataset ml-1m-half --models SASRec,GRU4Rec,BERT4Rec \
         [--config_files "protocol.yaml"] [--seeds 42,43,44] [--out results/ml-1m-half.md] [--append] [--key=value ...]
 
+A model entry may carry its own keys, for ablations: ``LLMESR_SASRec@llmesr_distill=False@llmesr_alpha=0.5`` is a
+row of its own, run with those keys on top of (and replacing) the shared ``--key=value`` arguments.
+
 Every (model, seed) runs in its own process (``--worker``, hidden), through recbole_llm's own pipeline
 (``quick_start.run``), with the same config files and ``--key=value`` arguments plus ``--seed=<seed>``; each model's
 own defaults come from the property files as usual. The parent aggregates mean ± std over the seeds and writes
@@ -140,12 +143,29 @@ def worker_main(argv):
 
 # ---------------------------------------------------------------- parent: run the workers, aggregate, report
 
-def worker_command(model, dataset, seed, config_files, extra, keep_checkpoints=False):
-    """The argv of one worker: the protocol (config files, extra ``--key=value``) is the same for every model."""
+def split_variant(entry):
+    """``'M@k=v@k2=v2'`` -> ``('M', ['--k=v', '--k2=v2'])``: a --models entry and the keys of that row only."""
+    model, *keys = entry.split("@")
+    for key in keys:
+        if "=" not in key or key.split("=", 1)[0] in RESERVED_KEYS:
+            raise ValueError(f"--models entry {entry!r}: after '@' come key=value pairs other than "
+                             f"{', '.join(RESERVED_KEYS)}, got {key!r}")
+    return model, [f"--{key}" for key in keys]
+
+
+def _with_overrides(extra, overrides):
+    """``extra`` without the keys ``overrides`` sets, then ``overrides`` (RecBole refuses a key given twice)."""
+    overridden = {arg.split("=", 1)[0] for arg in overrides}
+    return [arg for arg in extra if arg.split("=", 1)[0] not in overridden] + overrides
+
+
+def worker_command(entry, dataset, seed, config_files, extra, keep_checkpoints=False):
+    """The argv of one worker: the shared protocol (config files, ``extra``), then the entry's own keys."""
+    model, overrides = split_variant(entry)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--model={model}", f"--dataset={dataset}"]
     if config_files:
         cmd.append(f"--config_files={config_files}")
-    cmd += [f"--seed={seed}", *extra]
+    cmd += [f"--seed={seed}", *_with_overrides(extra, overrides)]
     return cmd + (["--keep_checkpoints"] if keep_checkpoints else [])
 
 
@@ -300,12 +320,12 @@ def failed_lines(runs):
 
 def split_protocol(runs):
     """``(common, differing)``: effective values shared by every successful run, and ``{key: {model: value}}``."""
-    results = [run["result"] for run in runs if run["result"]]
+    done = [run for run in runs if run["result"]]  # keyed by the --models entry, so variants stay apart
     common, differing = {}, {}
-    for key in (results[0]["protocol"] if results else {}):
-        values = {r["model"]: r["protocol"].get(key) for r in results}
-        if all(r["protocol"].get(key) == results[0]["protocol"][key] for r in results):
-            common[key] = results[0]["protocol"][key]
+    for key in (done[0]["result"]["protocol"] if done else {}):
+        values = {run["model"]: run["result"]["protocol"].get(key) for run in done}
+        if all(value == done[0]["result"]["protocol"][key] for value in values.values()):
+            common[key] = done[0]["result"]["protocol"][key]
         else:
             differing[key] = values
     return common, differing
@@ -397,6 +417,11 @@ def parse_args(argv):
     for path in (args.config_files or "").split():
         if not os.path.isfile(path):
             parser.error(f"config file {path!r} does not exist")
+    for entry in args.models.split(","):
+        try:
+            split_variant(entry)
+        except ValueError as error:
+            parser.error(str(error))
     args.extra = extra
     args.out = args.out or os.path.join("results", f"{args.dataset}.md")
     return args

@@ -157,3 +157,21 @@ def test_quick_start_still_has_the_hook_points(compare):
     assert list(inspect.signature(quick_start._build_trainer).parameters) == [
         "config", "model", "dataset", "valid_data", "test_data"]
     assert list(inspect.signature(quick_start.create_dataset).parameters) == ["config"]
+
+
+def test_a_model_entry_carries_its_own_keys(compare):
+    """``M@k=v`` runs M with k=v replacing the shared value; the row keeps the whole entry as its name."""
+    cmd = compare.worker_command("LLMESR_SASRec@llmesr_distill=False@epochs=3", "d", 1, None,
+                                 ["--epochs=1", "--learning_rate=0.01"])
+    assert cmd[3:] == ["--model=LLMESR_SASRec", "--dataset=d", "--seed=1", "--learning_rate=0.01",
+                       "--llmesr_distill=False", "--epochs=3"]
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--dataset", "d", "--models", "A@seed=3"])  # seeds belong to --seeds
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--dataset", "d", "--models", "A@novalue"])
+    runs = [{"model": "A", "seed": 1, "result": result("A", 1, 0.1, 0.05, 0.2, 10.0, 100.0), "error": None},
+            {"model": "A@epochs=3", "seed": 1, "error": None,
+             "result": {**result("A", 1, 0.2, 0.1, 0.3, 10.0, 100.0), "protocol": {"epochs": 3}}}]
+    common, differing = compare.split_protocol(runs)
+    assert differing["epochs"] == {"A": 2, "A@epochs=3": 3}
+    assert list(compare.aggregate(runs)) == ["A", "A@epochs=3"]
