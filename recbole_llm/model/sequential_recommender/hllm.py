@@ -1,0 +1,149 @@
+"""HLLM: a hierarchical item LLM + user LLM recommender with a generative InfoNCE objective.
+
+Chen et al., 2024, "HLLM: Enhancing Sequential Recommendations via Hierarchical Large Language Models for Item and
+User Modeling" (arXiv 2409.12740); official code bytedance/HLLM.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_llm.data.dataset import target_list_field
+from recbole_llm.model.hllm_layers import (ItemLLM, autocast, clamp_logit_scale, configure_llm, gather_negatives,
+                                           nce_loss, uniform_items, user_llm)
+from recbole_llm.utils import RecBoleLLMError
+
+
+class HLLM(SequentialRecommender):
+    r"""HLLM over RecBole's sequential data.
+
+    - **Item LLM** (``hllm_layers.ItemLLM``): an item's text is ``hllm_item_prompt`` then ``<field>: <value>`` for
+      each non-empty field of ``hllm_text_fields`` (no separator, as the official code), tokenised and cut to
+      ``hllm_max_text_length`` tokens; a learnable [ITEM] vector follows, and the item vector is the last layer's
+      state there (or the mean over the tokens). Positions are right-aligned (every [ITEM] sits at position
+      ``hllm_max_text_length``) through left padding to one width; items are encoded independently in padded,
+      masked batches instead of the official packed flash-attention stream (the same outputs, up to padding).
+    - **User LLM**: a causal transformer fed the item vectors as ``inputs_embeds`` with a padding mask; its output
+      at each position predicts the next item. Deviation: when its width differs from the item LLM's, a linear map
+      takes item vectors in and another takes outputs back (the official code requires equal widths).
+    - **Loss**: InfoNCE on cosines with a learnable logit scale (init ln(1/0.07), clamped to at most ln 100), the
+      negatives ``hllm_num_negatives`` uniform item ids per step shared by every position of the batch and
+      gathered across DDP ranks, negatives with cosine > ``hllm_nce_thres`` to the positive masked; the mean over
+      all valid positions. With ``llm_train_mode: all_positions`` (the default) a training sample is a user's last
+      MAX_ITEM_LIST_LENGTH + 1 training items with a target at every position; the official code also trains the
+      earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
+    - **Modes**: end to end (both LLMs train), or ``hllm_freeze_item_llm``: every item vector is computed once at
+      build time and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
+      caching). For evaluation all items are embedded once per evaluation, in batches under ``no_grad``, and kept
+      until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
+    - The paper's discriminative heads (early/late fusion) are not implemented: the official code does not have
+      them either.
+
+    Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
+    ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
+    ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_batch_size``, ``hllm_user_llm``,
+    ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``,
+    ``hllm_user_inner_size``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_bf16``,
+    ``hllm_gradient_checkpointing``; and ``llm_train_mode``.
+    """
+
+    llm_train_modes = ("prefix", "all_positions")
+    input_type = InputType.POINTWISE  # the loss draws its own negatives
+    skip_flops = True  # RecBole's FLOPs probe would deep-copy both LLMs
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.all_positions = config["llm_train_mode"] == "all_positions"
+        self.target_list = target_list_field(config)
+        if self.all_positions and self.target_list not in dataset.field2type:
+            raise RecBoleLLMError(f"HLLM with llm_train_mode 'all_positions' needs the field '{self.target_list}'; "
+                                  f"build the dataset with recbole_llm.utils.create_dataset.")
+        self.frozen = config["hllm_freeze_item_llm"]
+        self.bf16 = config["hllm_bf16"]
+        self.nce_thres = config["hllm_nce_thres"]
+        self.num_negatives = config["hllm_num_negatives"] or (self.max_seq_length + 1) * config["train_batch_size"]
+        item_llm = ItemLLM(config, dataset)
+        item_dim = item_llm.dim
+        if self.frozen:
+            self.register_buffer("item_table", item_llm.to(config["device"]).encode_all().cpu())
+        else:
+            self.item_llm = item_llm
+            configure_llm(item_llm.llm, config["device"], config["hllm_gradient_checkpointing"])
+        self.user_llm = user_llm(config, item_dim)
+        configure_llm(self.user_llm, config["device"], config["hllm_gradient_checkpointing"])
+        user_dim = self.user_llm.config.hidden_size
+        self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
+        self.user_to_item = nn.Linear(user_dim, item_dim) if user_dim != item_dim else nn.Identity()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self._eval_items, self._eval_items_key = None, None
+
+    # --- item vectors -------------------------------------------------------------------------------------------
+    def item_vectors(self, items):
+        """``[*items.shape, D]``: the vectors of ``items``, through the item LLM (once per distinct id)."""
+        if self.frozen:
+            return self.item_table[items]
+        distinct, inverse = torch.unique(items, return_inverse=True)
+        return self.item_llm(distinct)[inverse]
+
+    def _item_llm_state(self):
+        """What the item vectors depend on: every item-LLM tensor's storage and in-place version counter, which
+        an optimizer step or a ``load_state_dict`` bumps."""
+        return tuple((p.data_ptr(), p._version) for p in self.item_llm.parameters())
+
+    def all_item_vectors(self):
+        """``[n_items, D]``: every item's vector, encoded under ``no_grad`` and kept until an item-LLM weight
+        changes (the frozen table needs no encoding)."""
+        if self.frozen:
+            return self.item_table
+        state = self._item_llm_state()
+        if self._eval_items is None or self._eval_items_key != state:
+            self._eval_items, self._eval_items_key = self.item_llm.encode_all(), state
+        return self._eval_items
+
+    # --- user side ----------------------------------------------------------------------------------------------
+    def encode(self, item_seq, item_vectors):
+        """``[B, L, D]``: the user LLM's last-layer output at every position of the left-aligned ``item_seq``,
+        given the item vectors ``[B, L, D]`` of its items."""
+        inputs = self.item_to_user(item_vectors)
+        with autocast(item_seq.device, self.bf16):
+            hidden = self.user_llm(inputs_embeds=inputs, attention_mask=(item_seq > 0).long()).last_hidden_state
+        return self.user_to_item(hidden.float())
+
+    def forward(self, item_seq, item_seq_len):
+        """``[B, D]``: the user vector, the output at each sequence's last item."""
+        return self.gather_indexes(self.encode(item_seq, self.all_item_vectors()[item_seq]), item_seq_len - 1)
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        negatives = uniform_items(self._local_negatives(), self.n_items, item_seq.device)
+        if self.all_positions:
+            targets = interaction[self.target_list]
+            valid = targets > 0
+            positives = targets[valid]
+        else:
+            positives = interaction[self.POS_ITEM_ID]
+        vectors = self.item_vectors(torch.cat([item_seq.flatten(), positives, negatives]))
+        seq_vectors, pos_vectors, neg_vectors = vectors.split([item_seq.numel(), len(positives), len(negatives)])
+        states = self.encode(item_seq, seq_vectors.view(*item_seq.shape, -1))
+        outputs = states[valid] if self.all_positions else self.gather_indexes(states, interaction[self.ITEM_SEQ_LEN] - 1)
+        clamp_logit_scale(self.logit_scale)
+        return nce_loss(outputs, pos_vectors, gather_negatives(neg_vectors), self.logit_scale, self.nce_thres)
+
+    def _local_negatives(self):
+        """This rank's share of ``hllm_num_negatives``: the gathered total is about that many."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return math.ceil(self.num_negatives / world)
+
+    # --- scoring ------------------------------------------------------------------------------------------------
+    def predict(self, interaction):
+        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        items = self.all_item_vectors()[interaction[self.ITEM_ID]]
+        return F.cosine_similarity(users, items, dim=-1)
+
+    def full_sort_predict(self, interaction):
+        users = F.normalize(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), dim=-1)
+        return users @ F.normalize(self.all_item_vectors(), dim=-1).T
