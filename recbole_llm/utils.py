@@ -130,7 +130,8 @@ def check_dataset_available(config):
 
 
 def create_dataset(config):
-    """RecBole's ``create_dataset`` after checking the train mode and that the dataset exists.
+    """RecBole's ``create_dataset`` after checking the train mode and that the dataset exists; ``llm_dataset``
+    names a recbole_llm dataset class to use instead (``CTRDataset``, any model).
 
     ``llm_train_mode: all_positions`` gives an ``AllPositionsDataset`` (one training sequence per user, DESIGN.md
     §6); it is an error for a model that does not declare the mode in ``llm_train_modes``.
@@ -147,5 +148,16 @@ def create_dataset(config):
             f"{', '.join(able) or '(none)'}. Use one of them, or set llm_train_mode: prefix."
         )
     check_dataset_available(config)
+    if config["llm_dataset"]:
+        return _plugin_dataset_class(config["llm_dataset"])(config)
     dataset = recbole_create_dataset(config)
     return AllPositionsDataset.adopt(dataset) if mode == "all_positions" else dataset
+
+
+PLUGIN_DATASETS = {"CTRDataset": "recbole_llm.data.ctr"}  # llm_dataset value -> module
+
+
+def _plugin_dataset_class(name):
+    if name not in PLUGIN_DATASETS:
+        raise RecBoleLLMError(f"config key 'llm_dataset' must be one of {', '.join(PLUGIN_DATASETS)} or ~, got {name!r}.")
+    return getattr(importlib.import_module(PLUGIN_DATASETS[name]), name)

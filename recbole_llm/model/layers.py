@@ -1,5 +1,5 @@
-"""Blocks shared by the recbole_llm models: the LLM adapter, dual-view cross-attention, negative sampling and the
-soft contrastive loss."""
+"""Blocks shared by the recbole_llm models: the LLM adapter, dual-view cross-attention, negative sampling, the
+soft contrastive loss, and RecLoRA's gated meta-LoRA bank."""
 import math
 
 import torch
@@ -67,3 +67,62 @@ def soft_contrastive_loss(x, y, tau=1.0):
     x_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(1)
     y_loss = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(1)
     return ((x_loss + y_loss) / 2).mean()
+
+
+class MetaLoRAGate(nn.Module):
+    """RecLoRA's gate of one target module: LayerNorm -> Linear -> ReLU -> Dropout -> Linear, then softmax(./tau),
+    mapping a CRM representation ``[B, d]`` to mixing weights ``[B, n_meta]`` over the meta-LoRAs."""
+
+    def __init__(self, in_dim, n_meta, hidden=60, dropout=0.1, temperature=5.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_meta))
+        for linear in (self.mlp[1], self.mlp[4]):
+            nn.init.zeros_(linear.bias)  # weights keep nn.Linear's kaiming_uniform(a=sqrt(5)), as the official code
+        self.temperature = temperature
+
+    def forward(self, context):
+        return F.softmax(self.mlp(context) / self.temperature, dim=-1)
+
+
+class MetaLoRA(nn.Module):
+    """A bank of ``n_meta`` LoRAs (A_k: d_in x r, B_k: r x d_out) of one frozen linear layer, mixed per sample in
+    weight space (RecLoRA): ``delta(x) = dropout(x) @ (sum_k w_k A_k) @ (sum_k w_k B_k) * alpha / r``, the same
+    mixed pair for every token of a sample. A_k starts as nn.Linear's kaiming_uniform(a=sqrt(5)) over d_in, B_k at
+    zero, so the layer starts as the base layer.
+
+    The weights ``w`` come from ``gate`` applied to ``context`` (``[B, d]``, set before each forward), or are 1 when
+    there is no gate: with ``n_meta = 1`` that is one plain LoRA shared by all samples (RecLoRA's ``origin`` mode).
+    """
+
+    def __init__(self, in_features, out_features, rank, alpha, n_meta=1, dropout=0.0, gate=None):
+        super().__init__()
+        if gate is None and n_meta != 1:
+            raise ValueError("a MetaLoRA bank of several LoRAs needs a gate")
+        a_init = [nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5)).T for _ in range(n_meta)]
+        self.lora_A = nn.Parameter(torch.stack(a_init))                          # [n_meta, d_in, r]
+        self.lora_B = nn.Parameter(torch.zeros(n_meta, rank, out_features))      # [n_meta, r, d_out]
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+        self.gate = gate
+        self.context = None
+
+    def mixing_weights(self, batch_size):
+        """``[B, n_meta]``: the gate's softmax of the context, or ones without a gate."""
+        if self.gate is None:
+            return self.lora_A.new_ones(batch_size, 1)
+        if self.context is None or len(self.context) != batch_size:
+            raise RuntimeError("MetaLoRA needs its context ([batch, d]) set before the forward pass")
+        return self.gate(self.context)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])  # [B, tokens, d_in]
+        weights = self.mixing_weights(shape[0]).to(x.dtype)
+        a = torch.einsum("bn,nir->bir", weights, self.lora_A.to(x.dtype))
+        b = torch.einsum("bn,nro->bro", weights, self.lora_B.to(x.dtype))
+        return (torch.bmm(torch.bmm(self.dropout(x), a), b) * self.scaling).reshape(*shape[:-1], -1)
+
+    def add_to(self, linear):
+        """Add this delta to ``linear``'s output with a forward hook; returns the hook's handle."""
+        return linear.register_forward_hook(lambda module, inputs, output: output + self(inputs[0]))

@@ -1,0 +1,316 @@
+"""RecLoRA: ReLLa's CTR samples and prompt, the meta-LoRA bank, P(yes), the CRM and Few2Many, on hand-made data."""
+import math
+import os
+
+import pytest
+import torch
+
+from recbole_llm.data.ctr import CTRPrompts, render_prompt, rella_split_counts
+from recbole_llm.model.layers import MetaLoRA
+from recbole_llm.utils import RecBoleLLMError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TITLES = {  # item -> (title, year); item 10 has an apostrophe, so Python's list repr quotes it with "
+    1: ("Toy Story", 1995), 2: ("Jumanji", 1995), 3: ("Grumpier Old Men", 1995), 4: ("Waiting to Exhale", 1995),
+    5: ("Father of the Bride Part II", 1995), 6: ("Heat", 1995), 7: ("Sabrina", 1995), 8: ("Tom and Huck", 1995),
+    9: ("Sudden Death", 1995), 10: ("Schindler's List", 1993), 11: ("American President, The", 1995),
+    12: ("Dracula: Dead and Loving It", 1995), 13: ("Balto", 1995), 14: ("Nixon", 1995),
+    15: ("Cutthroat Island", 1995),
+}
+USERS = {"1": ("25", "M", "12"), "2": ("1", "F", "10"), "10": ("35", "M", "20"), "3": ("56", "F", "0")}
+BASE = 978300000
+# user -> [(item, rating, seconds after BASE)]. u10 shares u2's timestamps (ReLLa's string order puts "10" first),
+# and u10's last rating (2401) is one second after u1's last (2400): float32 cannot tell them apart.
+HISTORIES = {
+    "10": list(zip(range(2, 13), [4, 2, 5, 3, 1, 4, 5, 2, 1, 5, 3], list(range(100, 2000, 200)) + [2401])),
+    "1": list(zip(range(1, 15), [5, 3, 4, 1, 2, 5, 4, 3, 4, 5, 2, 1, 4, 2], list(range(0, 2500, 200)) + [2450])),
+    "2": list(zip(range(5, 16), [2, 4, 4, 5, 1, 3, 4, 2, 5, 4, 5], list(range(100, 2000, 200)) + [2300])),
+    "3": list(zip(range(1, 5), [5, 5, 4, 3], range(2600, 3000, 100))),
+}
+# Hand count: a sample needs >= 5 earlier ratings of its user: u1 14 - 5 = 9, u2 11 - 5 = 6, u10 11 - 5 = 6, u3 0.
+# 21 samples: train int(0.8 * 21) = 16, valid int(0.1 * 21) = 2, test 3 (RecBole's own rounding: 17 / 2 / 2).
+# In time order the last five are u1 at 2200 and u2 at 2300 (valid), then u1 at 2400, u10 at 2401, u1 at 2450.
+EXPECTED_TEST = [("1", "13", 12), ("10", "12", 10), ("1", "14", 13)]  # (user, item, earlier ratings)
+
+EXPECTED_PROMPT = (  # u10's test sample, K = 3 most recent, written out by hand
+    "The user is a male. His job is writer. His age is 35-44.\n"
+    "He watched the following movies in order in the past, and rated them:\n"
+    "['0. Sudden Death (1995) (2 stars)', \"1. Schindler's List (1993) (1 star)\", "
+    "'2. American President, The (1995) (5 stars)']\n"
+    "Based on the movies he has watched, deduce if he will like the movie ***Dracula: Dead and Loving It (1995)***.\n"
+    "Note that more stars the user rated the movie, the user liked the movie more.\n"
+    "You should ONLY tell me yes or no."
+)
+
+
+def write_ctr_dataset(data_path, name="ctr"):
+    folder = data_path / name
+    folder.mkdir(parents=True, exist_ok=True)
+    inter = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    inter += [f"{u}\t{i}\t{r}\t{BASE + t}" for u, rows in HISTORIES.items() for i, r, t in rows]
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tgenre:token_seq"]
+    items += [f"{i}\t{title}\t{year}\tDrama" for i, (title, year) in TITLES.items()]
+    users = ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"]
+    users += [f"{u}\t{a}\t{g}\t{o}\t0000{u}" for u, (a, g, o) in USERS.items()]
+    for suffix, lines in (("inter", inter), ("item", items), ("user", users)):
+        (folder / f"{name}.{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def ctr_config(root, **overrides):
+    config = {
+        "dataset": "ctr", "data_path": str(root / "data"), "checkpoint_dir": str(root / "saved"),
+        "llm_dataset": "CTRDataset", "eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "group_by": None,
+                                                   "mode": "labeled"},
+        "metrics": ["AUC", "LogLoss"], "valid_metric": "AUC", "train_neg_sample_args": None,
+        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                     "user": ["user_id", "age", "gender", "occupation", "zip_code"],
+                     "item": ["item_id", "movie_title", "release_year", "genre"]},
+        "reclora_crm_hist_len": 8, "embedding_size": 8, "mlp_hidden_size": [16, 8], "reclora_crm_dim": 8,
+        "epochs": 1, "state": "ERROR", "show_progress": False, "use_gpu": False, "seed": 2020,
+        "reproducibility": True, "train_batch_size": 4, "eval_batch_size": 8,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The fixture's data, a trained CRM (DIN), a tiny random Llama and a 1-layer MiniLM."""
+    from recbole_llm.quick_start import objective_function
+
+    root = tmp_path_factory.mktemp("reclora")
+    write_ctr_dataset(root / "data")
+    objective_function(ctr_config(root, model="DIN", checkpoint_dir=str(root / "crm")), saved=True)
+    save_tiny_models(root)
+    return root
+
+
+def save_tiny_models(root):
+    from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recbole_llm.text.encoders import encoder_path
+
+    minilm = encoder_path({"llm_encoder": None})
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=512, pad_token_id=0))
+    for folder, model in (("llama", llama), ("minilm1", AutoModel.from_pretrained(minilm, num_hidden_layers=1))):
+        model.save_pretrained(root / folder)
+        tokenizer.save_pretrained(root / folder)
+
+
+def crm_file(root):
+    (path,) = (root / "crm").glob("DIN-*.pth")
+    return str(path)
+
+
+def reclora_config(root, llm="llama", **overrides):
+    values = dict(model="RecLoRA", reclora_llm=str(root / llm), reclora_crm_checkpoint=crm_file(root),
+                  reclora_llm_hist_len=3, reclora_n_meta=4, reclora_train_samples=10)
+    return ctr_config(root, **{**values, **overrides})
+
+
+def build(config_dict):
+    """(config, train, valid, test) datasets of a config dict."""
+    from recbole_llm.config import Config
+    from recbole_llm.utils import create_dataset
+
+    config = Config(config_dict=config_dict)
+    return (config, *create_dataset(config).build())
+
+
+def build_model(root, **overrides):
+    from recbole_llm.model.context_aware_recommender import RecLoRA
+    from recbole_llm.trainer.reclora import RecLoRATrainer
+
+    config, train, valid, test = build(reclora_config(root, **overrides))
+    torch.manual_seed(0)
+    model = RecLoRA(config, train)
+    return model, RecLoRATrainer(config, model), train, test
+
+
+def raw(dataset, field, values):
+    return [dataset.field2id_token[field][v] for v in values.tolist()]
+
+
+# ---------------------------------------------------------------- data and prompt
+
+def test_rella_split_counts_match_the_spec():
+    assert rella_split_counts(970009, [0.8, 0.1, 0.1]) == [776007, 97000, 97002]
+
+
+def test_ctr_samples_order_and_split(root):
+    config, train, valid, test = build(ctr_config(root, model="DIN"))
+    assert (len(train), len(valid), len(test)) == (16, 2, 3)
+    inter = test.inter_feat
+    got = list(zip(raw(test, "user_id", inter["user_id"]), raw(test, "item_id", inter["item_id"]),
+                   inter["history_length"].tolist()))
+    assert got == EXPECTED_TEST
+    assert inter["label"].tolist() == [1.0, 0.0, 0.0]  # ratings 4, 3, 2: label = rating > 3
+    # the CRM's window: the last 8 earlier items, oldest first
+    assert raw(test, "item_id", inter["item_id_list"][1]) == [str(i) for i in range(4, 12)]
+    assert inter["item_length"].tolist() == [8, 8, 8]
+    assert raw(train, "user_id", train.inter_feat["user_id"][:3]) == ["1", "10", "2"]  # ties: "10" < "2"
+
+
+def test_prompt_is_byte_exact(root):
+    config, train, valid, test = build(ctr_config(root, model="DIN", reclora_history="recent",
+                                                  reclora_llm_hist_len=3))
+    assert CTRPrompts(test, config).render(test.inter_feat[1:2]) == [EXPECTED_PROMPT]
+
+
+def test_retrieved_history_keeps_history_order(root):
+    config, train, valid, test = build(ctr_config(root, model="DIN", reclora_history="recent",
+                                                  reclora_llm_hist_len=2))
+    prompts = CTRPrompts(test, config)
+    prompts.mode, prompts.vectors = "retrieved", torch.eye(test.item_num).numpy()
+    internal = {token: i for i, token in enumerate(test.field2id_token["item_id"])}
+    prompts.vectors[internal["12"], internal["11"]] = 0.95  # the target (12) is most like 11, then 3
+    prompts.vectors[internal["12"], internal["3"]] = 0.9
+    prompts.vectors[internal["12"], internal["12"]] = 0.0
+    history = [(f"{TITLES[i][0]} ({TITLES[i][1]})", s) for i, s in ((3, 2), (11, 5))]  # u10's ratings, history order
+    expected = render_prompt("male", "writer", "35-44", history, "Dracula: Dead and Loving It (1995)", "retrieved")
+    assert prompts.render(test.inter_feat[1:2]) == [expected]
+
+
+# ---------------------------------------------------------------- the meta-LoRA bank
+
+class OneHot(torch.nn.Module):
+    def __init__(self, n, k):
+        super().__init__()
+        self.weights = torch.nn.functional.one_hot(torch.tensor(k), n).float()
+
+    def forward(self, context):
+        return self.weights.expand(len(context), -1)
+
+
+def test_one_hot_gate_gives_that_meta_lora():
+    torch.manual_seed(0)
+    bank = MetaLoRA(6, 5, rank=2, alpha=4, n_meta=3, gate=OneHot(3, 1))
+    torch.nn.init.normal_(bank.lora_B)
+    bank.context = torch.zeros(2, 7)
+    x = torch.randn(2, 4, 6)
+    assert torch.allclose(bank(x), x @ bank.lora_A[1] @ bank.lora_B[1] * 2.0, atol=1e-6)
+
+
+def test_weight_space_mixing_per_sample():
+    torch.manual_seed(0)
+    gate = OneHot(2, 0)
+    gate.weights = torch.tensor([0.25, 0.75])
+    bank = MetaLoRA(3, 3, rank=1, alpha=1, n_meta=2, gate=gate)
+    torch.nn.init.normal_(bank.lora_B)
+    bank.context = torch.zeros(1, 1)
+    x = torch.randn(1, 2, 3)
+    a = 0.25 * bank.lora_A[0] + 0.75 * bank.lora_A[1]
+    b = 0.25 * bank.lora_B[0] + 0.75 * bank.lora_B[1]
+    assert torch.allclose(bank(x), x @ a @ b, atol=1e-6)
+
+
+def test_p_yes_is_the_two_way_softmax():
+    from recbole_llm.model.context_aware_recommender.reclora import p_yes
+
+    logits = torch.randn(3, 10)
+    answers = type("Answers", (), {"yes_id": 7, "no_id": 2})
+    expected = logits[:, 7].exp() / (logits[:, 7].exp() + logits[:, 2].exp())
+    assert torch.allclose(p_yes(logits, answers), expected)
+
+
+# ---------------------------------------------------------------- the model on a tiny Llama
+
+def test_zero_b_at_init_keeps_the_base_model(root):
+    from transformers import AutoModelForCausalLM
+
+    model, trainer, train, test = build_model(root)
+    model.eval()
+    base = AutoModelForCausalLM.from_pretrained(root / "llama").eval()
+    texts = [model.wrap(p) for p in model.prompts.render(test.inter_feat)]
+    input_ids, mask, _ = model._causal_batch(texts, [1, 1, 1])
+    model._set_gate_context(test.inter_feat)
+    with torch.no_grad():
+        assert torch.allclose(model.llm(input_ids=input_ids, attention_mask=mask).logits,
+                              base(input_ids=input_ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_answer_tokens_come_from_the_tokenizer(root):
+    model, *_ = build_model(root)
+    assert model.answers.yes_id == model.tokenizer.convert_tokens_to_ids("yes")
+    assert model.answers.no_id == model.tokenizer.convert_tokens_to_ids("no")
+
+
+def test_only_bank_and_gates_get_gradients(root):
+    model, trainer, train, test = build_model(root)
+    model.train()
+    model.calculate_loss(train.inter_feat[:4]).backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("lora.") for name in trainable)
+    assert any(".gate." in name for name in trainable)
+    assert all(p.grad is not None for name, p in model.named_parameters() if name in trainable and "lora_B" in name)
+    assert all(p.grad is None for name, p in model.named_parameters() if name not in trainable)
+    assert all(p.grad is None for p in model.crm.parameters())
+    assert set(model.state_dict()) == trainable
+
+
+@pytest.mark.parametrize("mode,loss", [("reclora", "lm"), ("origin", "bce")])
+def test_loss_goes_down(root, mode, loss):
+    model, trainer, train, test = build_model(root, reclora_mode=mode, reclora_loss=loss)
+    batch = train.inter_feat[:8]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss_value = model.calculate_loss(batch)
+        loss_value.backward()
+        optimizer.step()
+        losses.append(loss_value.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("llm", ["llama", "minilm1"])
+def test_end_to_end_run_reports_auc_and_logloss(root, llm):
+    from recbole_llm.quick_start import objective_function
+
+    result = objective_function(reclora_config(root, llm=llm, reclora_test_samples=2), saved=True)
+    assert set(result["test_result"]) == {"auc", "logloss"}
+    assert math.isfinite(result["test_result"]["logloss"])
+
+
+def test_few_to_many_draws_a_fixed_subset(root):
+    from recbole.data import data_preparation
+
+    from recbole_llm.trainer.reclora import few_to_many
+
+    config, train, valid, test = build(reclora_config(root))
+    from recbole_llm.utils import create_dataset
+
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    first, second = (few_to_many(train_data, config)._dataset for _ in range(2))
+    assert len(first) == 10 and torch.equal(first.inter_feat["timestamp"], second.inter_feat["timestamp"])
+
+
+# ---------------------------------------------------------------- clear errors
+
+def test_errors(root):
+    with pytest.raises(RecBoleLLMError, match="reclora_crm_checkpoint"):
+        build_model(root, reclora_crm_checkpoint=None)
+    with pytest.raises(RecBoleLLMError, match="reclora_crm_checkpoint .* does not exist"):
+        build_model(root, reclora_crm_checkpoint=str(root / "missing.pth"))
+    with pytest.raises(RecBoleLLMError, match="reclora_min_history 5 .*here 4"):
+        build_model(root, reclora_min_history=4)
+    with pytest.raises(RecBoleLLMError, match="reclora_crm_dim: 8"):
+        build_model(root, reclora_crm_dim=16)
+    with pytest.raises(RecBoleLLMError, match="reclora_mode"):
+        build_model(root, reclora_mode="moe")
+    with pytest.raises(RecBoleLLMError, match="reclora_chat_template"):
+        build_model(root, reclora_chat_template="no placeholder")
+    with pytest.raises(RecBoleLLMError, match="reclora_target_modules"):
+        build_model(root, reclora_target_modules=["nothing"])
+    with pytest.raises(RecBoleLLMError, match="llm_dataset: CTRDataset"):
+        from recbole_llm.model.context_aware_recommender import RecLoRA
+
+        config, train, *_ = build(reclora_config(root, llm_dataset=None, eval_args={"split": {"LS": "valid_and_test"},
+                                                                                    "order": "TO", "mode": "labeled"}))
+        RecLoRA(config, train)
