@@ -8,7 +8,6 @@ import contextlib
 import functools
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_llm.text.encoders import encoder_path
 from recbole_llm.utils import RecBoleLLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,13 +169,15 @@ class SLMRec(SequentialRecommender):
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Load a checkpoint's trainable parameters and item table; the frozen backbone stays as loaded from
         ``slmrec_backbone``. With ``strict``, a missing or unexpected key is an error."""
-        expected = set(self.saved_names())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if strict and (missing or unexpected):
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+        resized = sorted(key for key in set(own) & set(state_dict) if own[key].shape != state_dict[key].shape)
+        if resized or (strict and (missing or unexpected)):
             raise RecBoleLLMError(
-                f"SLMRec checkpoint does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]} "
-                f"({len(missing)} and {len(unexpected)} keys). It was saved with another backbone, depth, LoRA or "
-                f"distillation setting; rebuild the model with the checkpoint's config.")
+                f"SLMRec checkpoint does not match this model: missing {missing[:2]}, unexpected {unexpected[:2]}, "
+                f"other shape {resized[:2]} ({len(missing)}, {len(unexpected)} and {len(resized)} keys). It was "
+                f"saved with another backbone, depth, LoRA or distillation setting; rebuild the model with the "
+                f"checkpoint's config.")
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
@@ -248,15 +250,7 @@ def sasrec_item_table(config, dataset):
 # --- the backbone -----------------------------------------------------------------------------------------------
 def backbone_path(config):
     """The Hugging Face folder of ``slmrec_backbone``; ~ = the bundled all-MiniLM-L6-v2."""
-    if config["slmrec_backbone"] is None:
-        from recbole_llm.text.encoders import encoder_path
-
-        return encoder_path({"llm_encoder": None})
-    path = Path(config["slmrec_backbone"]).expanduser()
-    if not (path / "config.json").is_file():
-        raise RecBoleLLMError(f"slmrec_backbone '{path}' is not a Hugging Face model folder (no config.json); point "
-                              f"it at the folder save_pretrained wrote, or leave it ~ for all-MiniLM-L6-v2.")
-    return path
+    return encoder_path(config, "slmrec_backbone")
 
 
 def layer_list(model):

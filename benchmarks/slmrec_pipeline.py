@@ -1,0 +1,174 @@
+"""SLMRec's three stages on one dataset: SASRec, the deep teacher, the distilled student, and a student trained alone.
+
+    python benchmarks/slmrec_pipeline.py --dataset ml-1m-half [--seed 42] [--teacher_layers 4] [--student_layers 2] \
+        [--blocks 2] [--sasrec_config benchmarks/protocols/slmrec_sasrec.yaml] \
+        [--config_files benchmarks/protocols/slmrec_cpu.yaml] [--out results/<dataset>-slmrec.md] [--key=value ...]
+
+1. ``SASRecAP`` (RecBole's SASRec network) under ``--sasrec_config``: its item table feeds every SLMRec stage.
+2. The teacher: ``SLMRec`` with ``--teacher_layers`` layers.
+3. The student: ``--student_layers`` layers, distilled from the teacher over ``--blocks`` blocks.
+4. The same student trained alone (no teacher), the paper's "same-depth" baseline.
+
+The defaults (a 4-layer teacher and a 2-layer student of all-MiniLM-L6-v2, 2 blocks) keep the paper's 8 -> 4 depth
+ratio at a size a CPU trains in minutes.
+
+Each stage runs in its own process through ``benchmarks/compare.py``'s worker (``quick_start.run``), keeps its
+checkpoint for the next stage, and reports metrics, time and parameters (total and trainable). The SLMRec stages
+share ``--config_files``; every stage gets the ``--key=value`` arguments. The report goes to ``--out``, with the YAML
+of every stage.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+# ---------------------------------------------------------------- worker: compare's, plus the total parameter count
+
+def worker_main(argv):
+    """compare.py's worker; its summary also holds ``total_params`` (frozen ones included)."""
+    from recbole_llm import quick_start
+
+    totals = {}
+    build_trainer, run_worker = quick_start._build_trainer, compare.run_worker
+
+    def counting_build_trainer(config, model, *args):
+        totals["total_params"] = sum(p.numel() for p in model.parameters())
+        return build_trainer(config, model, *args)
+
+    quick_start._build_trainer = counting_build_trainer
+    compare.run_worker = lambda *args: {**run_worker(*args), **totals}
+    compare.worker_main(argv)
+
+
+# ---------------------------------------------------------------- parent: the stages
+
+def stages(args, checkpoint):
+    """``[(label, --models entry, config files)]`` in run order; ``checkpoint(label)`` names a stage's .pth."""
+    sasrec = f"slmrec_item_emb_checkpoint={checkpoint('sasrec')}"
+    student = f"SLMRec@{sasrec}@slmrec_n_layers={args.student_layers}"
+    return [
+        ("sasrec", args.sasrec_model, args.sasrec_config),
+        ("teacher", f"SLMRec@{sasrec}@slmrec_n_layers={args.teacher_layers}", args.config_files),
+        ("student_distilled", f"{student}@slmrec_distill=True@slmrec_distill_blocks={args.blocks}"
+                              f"@slmrec_teacher_checkpoint={checkpoint('teacher')}", args.config_files),
+        ("student_alone", student, args.config_files),
+    ]
+
+
+def run_stage(label, entry, args, config_files, checkpoint):
+    """One stage in its own worker process, saving its checkpoint as ``checkpoint(label)``; compare's run record."""
+    entry += f"@llm_checkpoint_name={os.path.basename(checkpoint(label))}"
+    cmd = compare.worker_command(entry, args.dataset, args.seed, config_files, args.extra, keep_checkpoints=True)
+    cmd[1] = os.path.abspath(__file__)  # this script's worker: compare's, plus the total parameter count
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    result, error = compare.parse_worker_output(done.returncode, done.stdout, done.stderr)
+    print(f"{label}: {'ok' if result else 'FAILED: ' + error} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"model": label, "seed": args.seed, "result": result, "error": error, "entry": entry,
+            "config_files": config_files}
+
+
+def efficiency_table(runs, args):
+    """Stage x parameters (total, trainable), train s/epoch, test users/s, and the student/teacher speed-ups."""
+    ok = {run["model"]: run["result"] for run in runs if run["result"]}
+    teacher = ok.get("teacher")
+    rows = []
+    for label, result in ok.items():
+        speedups = ["—", "—"]
+        if teacher and label.startswith("student"):
+            speedups = [f"{teacher['train_s_per_epoch'] / result['train_s_per_epoch']:.2f}×",
+                        f"{result['test_users_per_s'] / teacher['test_users_per_s']:.2f}×"]
+        rows.append([label, f"{result.get('total_params', 0):,}", f"{result['params']:,}",
+                     f"{result['train_s_per_epoch']:.1f}", f"{result['test_users_per_s']:.1f}", *speedups])
+    header = ["stage", "total params", "trainable params", "train s/epoch", "test users/s",
+              "train speed-up vs teacher", "inference speed-up vs teacher"]
+    ideal = args.teacher_layers / args.student_layers
+    return compare.markdown_table(header, rows) + (
+        f"\n\nIdeal layer ratio {args.teacher_layers}/{args.student_layers} = {ideal:.1f}×: the speed-up if all time "
+        f"went into the transformer layers. The distilled student's epoch also runs the teacher's forward pass.")
+
+
+def render(args, command, runs):
+    """The Markdown report: context, each stage's YAML and keys, metrics overall and by group, efficiency."""
+    results = [run["result"] for run in runs if run["result"]]
+    env = results[0]["env"] if results else {}
+    models = compare.aggregate(runs)
+    valid_metric = results[-1]["protocol"]["valid_metric"] if results else ""
+    out = [f"# SLMRec pipeline on {args.dataset}, seed {args.seed}", "",
+           f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+           f"- Machine: {env.get('platform', '?')}, {env.get('cpus', '?')} CPUs, python {env.get('python', '?')}, "
+           f"torch {env.get('torch', '?')}, recbole {env.get('recbole', '?')}, device {env.get('device', '?')}",
+           f"- Command: `{command}`", ""]
+    if results and results[0].get("dataset"):
+        d = results[0]["dataset"]
+        out += [f"- Dataset: {d['users']:,} users, {d['items']:,} items, {d['inters']:,} interactions", ""]
+    out += ["## Stages", ""]
+    for run in runs:
+        keys = " ".join(compare.split_variant(run["entry"])[1] + args.extra)
+        out += [f"- **{run['model']}**: `{run['config_files']}` plus `{keys}`"]
+    for path in dict.fromkeys([args.sasrec_config, *args.config_files.split()]):
+        with open(path, encoding="utf-8") as f:
+            out += ["", f"`{path}`:", "", "```yaml", f.read().rstrip(), "```"]
+    out += ["", "## Metrics (test, at the best validation epoch)", "", compare.overall_table(models, valid_metric), ""]
+    groups = compare.group_table(models, compare.group_metric_keys(models, valid_metric))
+    if groups:
+        out += ["## By long-tail group (test)", "", groups, ""]
+    out += ["## Efficiency", "", efficiency_table(runs, args), "", compare.cost_table(models), ""]
+    failed = compare.failed_lines(runs)
+    if failed:
+        out += ["## Failed stages", "", *failed, ""]
+    return "\n".join(out)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Any other --key=value is passed to every stage's Config.")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--teacher_layers", type=int, default=4)
+    parser.add_argument("--student_layers", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=2, help="slmrec_distill_blocks of the student")
+    parser.add_argument("--sasrec_model", default="SASRecAP")
+    parser.add_argument("--sasrec_config", default="benchmarks/protocols/slmrec_sasrec.yaml")
+    parser.add_argument("--config_files", default="benchmarks/protocols/slmrec_cpu.yaml",
+                        help="YAML files of the SLMRec stages, space-separated")
+    parser.add_argument("--checkpoint_dir", default="saved")
+    parser.add_argument("--out", default=None, help="Markdown file (default results/<dataset>-slmrec.md)")
+    args, extra = parser.parse_known_args(argv)
+    if any(not arg.startswith("--") or "=" not in arg for arg in extra):
+        parser.error("extra arguments must be --key=value")
+    args.extra = extra + [f"--checkpoint_dir={args.checkpoint_dir}"]
+    return args
+
+
+def main(argv):
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1:])
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def checkpoint(label):
+        return os.path.join(args.checkpoint_dir, f"slmrec-pipeline-{args.dataset}-{stamp}-{label}.pth")
+
+    runs = []
+    for label, entry, config_files in stages(args, checkpoint):
+        runs.append(run_stage(label, entry, args, config_files, checkpoint))
+        if runs[-1]["result"] is None:
+            break  # the next stages need this one's checkpoint
+    report = render(args, shlex.join(["python", "benchmarks/slmrec_pipeline.py", *argv]), runs)
+    print("\n" + report)
+    out = args.out or os.path.join("results", f"{args.dataset}-slmrec.md")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(report + "\n")
+    print(f"written to {out}")
+    return 0 if all(run["result"] for run in runs) and len(runs) == 4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
