@@ -3,6 +3,7 @@
 ``recbole_llm.model.sequential_recommender.hllm.HLLM`` puts them together; each part is small enough to test alone.
 """
 import contextlib
+import hashlib
 import math
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 
+from recbole_llm.text.cache import FORMAT_VERSION, CacheEntry, cache_root
 from recbole_llm.text.encoders import _is_decoder_only, encoder_path
 from recbole_llm.text.templates import clean_text, read_item_file
 from recbole_llm.utils import RecBoleLLMError
@@ -94,17 +96,20 @@ def fresh_llama(hidden_size, num_layers, num_heads, inner_size, max_positions):
 
 
 def user_llm(config, item_dim):
-    """The user LLM: ``hllm_user_llm`` (a decoder-only model) or a fresh Llama of ``hllm_user_*`` sizes."""
+    """The user LLM: ``hllm_user_llm`` (a decoder-only model) or a fresh Llama of ``hllm_user_*`` sizes. Its word
+    embeddings are frozen: item vectors come in as ``inputs_embeds`` and words are never read."""
     if config["hllm_user_llm"] is None:
-        return fresh_llama(config["hllm_user_hidden_size"] or item_dim, config["hllm_user_num_layers"],
-                           config["hllm_user_num_heads"], config["hllm_user_inner_size"],
-                           config["MAX_ITEM_LIST_LENGTH"])
-    path = encoder_path(config, "hllm_user_llm")
-    if not _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
-        raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must be "
-                              f"one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set it ~.")
-    model = load_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
-    model.get_input_embeddings().requires_grad_(False)  # item vectors come in as inputs_embeds: words are unused
+        model = fresh_llama(config["hllm_user_hidden_size"] or item_dim, config["hllm_user_num_layers"],
+                            config["hllm_user_num_heads"], config["hllm_user_inner_size"],
+                            config["MAX_ITEM_LIST_LENGTH"])
+    else:
+        path = encoder_path(config, "hllm_user_llm")
+        if not _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
+            raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must "
+                                  f"be one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set "
+                                  f"it ~.")
+        model = load_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
+    model.get_input_embeddings().requires_grad_(False)
     return model
 
 
@@ -181,6 +186,27 @@ class ItemLLM(nn.Module):
             vectors[batch] = self(batch)
         self.train(was_training)
         return vectors
+
+
+def item_llm_fingerprint(item_llm):
+    """SHA-256 of everything an item vector depends on: the pooling, the token table and every weight."""
+    digest = hashlib.sha256(item_llm.pooling.encode())
+    tensors = {"token_ids": item_llm.token_ids, "token_mask": item_llm.token_mask, **item_llm.state_dict()}
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_item_table(item_llm, config):
+    """``[n_items, dim]``: ``item_llm.encode_all()``, kept in the side-data cache (``<cache root>/hllm/``) and read
+    back by any later run whose item LLM, texts and pooling are the same (the key is their fingerprint)."""
+    fingerprint = item_llm_fingerprint(item_llm)
+    key = {"kind": "hllm_items", "fingerprint": fingerprint, "version": FORMAT_VERSION}
+    entry = CacheEntry(cache_root(config) / "hllm", f"items-{fingerprint[:16]}")
+    rows = [str(row) for row in range(len(item_llm.token_ids))]  # rows are internal ids, fixed by the token table
+    matrix, _, _ = entry.get(key, lambda: (item_llm.encode_all().cpu().numpy(), rows))
+    return torch.from_numpy(matrix)
 
 
 def item_pooling(config):

@@ -12,8 +12,8 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.hllm_layers import (ItemLLM, autocast, clamp_logit_scale, configure_llm, gather_negatives,
-                                           nce_loss, uniform_items, user_llm)
+from recbole_llm.model.hllm_layers import (ItemLLM, autocast, clamp_logit_scale, configure_llm, frozen_item_table,
+                                           gather_negatives, nce_loss, uniform_items, user_llm)
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -36,7 +36,8 @@ class HLLM(SequentialRecommender):
       MAX_ITEM_LIST_LENGTH + 1 training items with a target at every position; the official code also trains the
       earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
     - **Modes**: end to end (both LLMs train), or ``hllm_freeze_item_llm``: every item vector is computed once at
-      build time and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
+      build time (or read from the side-data cache, keyed by a fingerprint of the item LLM's weights and token table)
+      and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
       caching). For evaluation all items are embedded once per evaluation, in batches under ``no_grad``, and kept
       until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
     - The paper's discriminative heads (early/late fusion) are not implemented: the official code does not have
@@ -68,7 +69,7 @@ class HLLM(SequentialRecommender):
         item_llm = ItemLLM(config, dataset)
         item_dim = item_llm.dim
         if self.frozen:
-            self.register_buffer("item_table", item_llm.to(config["device"]).encode_all().cpu())
+            self.register_buffer("item_table", frozen_item_table(item_llm.to(config["device"]), config))
         else:
             self.item_llm = item_llm
             configure_llm(item_llm.llm, config["device"], config["hllm_gradient_checkpointing"])

@@ -1,0 +1,260 @@
+"""HLLM: item texts, the item and user LLMs, the InfoNCE loss, the frozen and end-to-end modes, errors."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from recbole_llm.config import Config
+from recbole_llm.model import hllm_layers
+from recbole_llm.model.hllm_layers import item_texts, item_token_table, nce_logits, nce_loss
+from recbole_llm.model.sequential_recommender.hllm import HLLM
+from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_recbole_llm
+from recbole_llm.text.encoders import encoder_path
+from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
+from tests.conftest import tiny_config, write_tiny_dataset
+
+PROMPT = "Compress the following sentence into embedding: "
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The tiny dataset and a tiny random Llama (hidden 32) saved with MiniLM's tokenizer."""
+    path = tmp_path_factory.mktemp("hllm")
+    write_tiny_dataset(path / "data")
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path({"llm_encoder": None}))
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=64))
+    llama.save_pretrained(path / "llama")
+    tokenizer.save_pretrained(path / "llama")
+    return path
+
+
+def hllm_config(workdir, **overrides):
+    """Frozen 1-layer MiniLM items (no prompt, 16 tokens), a 1-layer user Llama of width 16: cheap steps."""
+    values = {"model": "HLLM", "hllm_item_num_layers": 1, "hllm_item_prompt": "", "hllm_max_text_length": 16,
+              "hllm_user_num_layers": 1, "hllm_user_hidden_size": 16, "hllm_user_inner_size": 32,
+              "hllm_num_negatives": 32, "train_batch_size": 20, "metrics": ["Recall", "NDCG"], "topk": [5, 10],
+              "valid_metric": "NDCG@10", "epochs": 1, **overrides}
+    return tiny_config(workdir, **values)
+
+
+def end_to_end(workdir, **overrides):
+    """Both tiers the tiny Llama, trained end to end."""
+    llama = str(workdir / "llama")
+    return hllm_config(workdir, hllm_item_llm=llama, hllm_user_llm=llama, hllm_freeze_item_llm=False,
+                       hllm_item_num_layers=None, hllm_user_num_layers=None, **overrides)
+
+
+def build(config_dict, seed=2020):
+    """(model, config, train, valid, test)."""
+    config = Config(config_dict=config_dict)
+    init_seed(config["seed"], True)
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(seed, True)
+    return HLLM(config, train.dataset), config, train, valid, test
+
+
+@pytest.fixture(scope="module")
+def frozen(workdir):
+    return build(hllm_config(workdir))
+
+
+@pytest.fixture(scope="module")
+def e2e(workdir):
+    return build(end_to_end(workdir))
+
+
+# --- item texts and tokens ----------------------------------------------------------------------------------------
+
+def text_config(folder, fields=None):
+    return {"data_path": str(folder), "dataset": "test", "field_separator": "\t", "encoding": None,
+            "ITEM_ID_FIELD": "item_id", "hllm_text_fields": fields, "hllm_item_prompt": PROMPT}
+
+
+def test_item_text_is_the_prompt_then_non_empty_fields_without_separator(frozen, tmp_path):
+    _, config, train, _, _ = frozen
+    dataset, item = train.dataset, train.dataset.token2id("item_id", "61")
+    texts = item_texts(text_config(config["data_path"]), dataset)
+    assert texts[0] == "" and texts[item] == PROMPT + "movie_title: Three Colors: Whiterelease_year: 1994class: Drama"
+    assert item_texts(text_config(config["data_path"], ["class", "movie_title"]), dataset)[item] == \
+        PROMPT + "class: Dramamovie_title: Three Colors: White"
+    source = Path(config["data_path"]) / "test.item"
+    (tmp_path / "test.item").write_text(source.read_text().replace("White\t1994\t", "White\t\t"))
+    assert item_texts(text_config(tmp_path), dataset)[item] == PROMPT + "movie_title: Three Colors: Whiteclass: Drama"
+
+
+def test_tokens_are_cut_and_right_aligned_before_the_item_token():
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path({"llm_encoder": None}))
+    ids, mask = item_token_table(["a b", "a b c d e f g h"], tokenizer, max_length=6, n_item_tokens=1)
+    assert ids.shape == mask.shape == (2, 7)
+    assert mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1]  # [CLS] a b [SEP] at positions 2..5, [ITEM] at 6
+    assert mask[1].tolist() == [1] * 7  # cut to 6 tokens
+    assert ids[1, :6].tolist() == tokenizer.encode("a b c d e f g h")[:6] and ids[:, -1].tolist() == [0, 0]
+
+
+# --- gradients ----------------------------------------------------------------------------------------------------
+
+def test_item_vector_and_item_llm_get_gradients_end_to_end(e2e):
+    model, _, train, _, _ = e2e
+    model.train()
+    model.zero_grad()
+    model.calculate_loss(next(iter(train))).backward()
+    assert model.item_llm.item_token.grad.norm() > 0
+    assert model.item_llm.llm.layers[0].self_attn.q_proj.weight.grad.norm() > 0
+    assert model.logit_scale.grad is not None
+
+
+def test_frozen_mode_trains_only_the_user_side(frozen):
+    model, _, train, _, _ = frozen
+    assert not hasattr(model, "item_llm") and "item_table" in dict(model.named_buffers())
+    table = model.item_table.clone()
+    model.train()
+    model.zero_grad()
+    model.calculate_loss(next(iter(train))).backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"item_to_user", "user_llm", "user_to_item", "logit_scale"}
+    assert torch.equal(model.item_table, table)
+
+
+# --- the loss -----------------------------------------------------------------------------------------------------
+
+def test_false_negative_mask_removes_exactly_the_near_duplicates():
+    positive = torch.tensor([[1.0, 0.0]])
+    angles = torch.tensor([0.0, math.acos(0.995), math.acos(0.985), math.pi / 2])  # cosines 1, .995, .985, 0
+    negatives = torch.stack([angles.cos(), angles.sin()], dim=1)
+    logits = nce_logits(torch.tensor([[0.6, 0.8]]), positive, negatives, torch.tensor(0.0), 0.99)
+    assert torch.isinf(logits[0]).tolist() == [False, True, True, False, False]
+
+
+def test_loss_equals_a_hand_computation():
+    outputs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positives = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    negatives = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0]])  # the last duplicates row 2's positive
+    scale = 1 / 0.07
+    hand = []
+    for out, pos in zip(outputs, positives):
+        cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+        logits = [cos(out, pos)] + [cos(out, neg) for neg in negatives if cos(pos, neg) <= 0.99]
+        hand.append(-math.log(math.exp(scale * logits[0]) / sum(math.exp(scale * x) for x in logits)))
+    loss = nce_loss(outputs, positives, negatives, torch.tensor(math.log(scale)), 0.99)
+    assert loss.item() == pytest.approx(sum(hand) / 2, rel=1e-5)
+
+
+def test_logit_scale_starts_at_one_over_007_and_is_clamped_at_100(frozen):
+    model, _, train, _, _ = frozen
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.calculate_loss(next(iter(train)))
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))
+
+
+def test_negatives_are_uniform_and_shared_by_all_positions(frozen, monkeypatch):
+    model, _, train, _, _ = frozen
+    seen = {}
+
+    def recording(outputs, positives, negatives, *args):
+        seen.update(outputs=outputs.shape, negatives=negatives.shape)
+        return nce_loss(outputs, positives, negatives, *args)
+
+    monkeypatch.setattr("recbole_llm.model.sequential_recommender.hllm.nce_loss", recording)
+    batch = next(iter(train))
+    model.calculate_loss(batch)
+    assert seen["negatives"] == (32, model.item_table.size(1))
+    assert seen["outputs"][0] == int((batch["item_id_target_list"] > 0).sum())
+    draws = hllm_layers.uniform_items(20_000, model.n_items, torch.device("cpu"))
+    assert set(draws.tolist()) == set(range(1, model.n_items))
+
+
+# --- evaluation cache and checkpoints -----------------------------------------------------------------------------
+
+def test_item_cache_is_reused_and_invalidated_when_the_item_llm_changes(e2e):
+    model, _, _, _, test = e2e
+    model.eval()
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        first = model.full_sort_predict(batch)
+        cached = model._eval_items
+        assert torch.equal(model.full_sort_predict(batch), first) and model._eval_items is cached
+        optimizer = torch.optim.SGD(model.item_llm.parameters(), lr=1.0)
+        model.item_llm.item_token.grad = torch.ones_like(model.item_llm.item_token)
+        optimizer.step()  # an in-place update of the [ITEM] vector
+        changed = model.full_sort_predict(batch)
+    assert model._eval_items is not cached and not torch.allclose(changed, first)
+    assert torch.allclose(model._eval_items, model.item_llm.encode_all())
+
+
+def test_full_sort_predict_is_the_cosine_with_every_item(frozen):
+    model, _, _, _, test = frozen
+    model.eval()
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        users = model.forward(batch["item_id_list"], batch["item_length"])
+        scores = model.full_sort_predict(batch)
+        hand = F.cosine_similarity(users[:, None], model.item_table[None], dim=-1)
+    assert torch.allclose(scores, hand, atol=1e-5)
+
+
+def test_state_dict_reload_reproduces_end_to_end_scores(workdir, e2e):
+    model, config, _, _, test = e2e
+    other = HLLM(config, test.dataset)  # another random [ITEM] vector, logit scale and user LLM state
+    batch = next(iter(test))[0]
+    other.load_state_dict(model.state_dict())
+    model.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(other.full_sort_predict(batch), model.full_sort_predict(batch))
+
+
+def test_checkpoint_reload_reproduces_the_test_result(workdir):
+    result = run_recbole_llm(config_dict=hllm_config(workdir), saved=True)
+    config, model, dataset, _, valid, test = load_data_and_model(result["saved_model_file"])
+    trainer = _build_trainer(config, model, dataset, valid, test)  # with the group metrics, as the run had
+    assert trainer.evaluate(test, load_best_model=False) == result["test_result"]
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def test_loss_goes_down_on_a_tiny_dataset(workdir):
+    model, config, train, _, _ = build(hllm_config(workdir, learning_rate=0.01))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    losses = [trainer._train_epoch(train, epoch, show_progress=False) for epoch in range(4)]
+    assert losses[-1] < losses[0]
+
+
+def test_prefix_mode_and_no_projection_between_equal_widths(workdir):
+    model, _, train, _, _ = build(hllm_config(workdir, llm_train_mode="prefix", hllm_user_hidden_size=None,
+                                              hllm_user_inner_size=64))
+    assert isinstance(model.item_to_user, torch.nn.Identity) and model.user_llm.config.hidden_size == 384
+    assert torch.isfinite(model.calculate_loss(next(iter(train))))
+
+
+def test_a_projection_maps_between_different_widths(frozen):
+    model = frozen[0]
+    assert model.item_to_user.weight.shape == (16, 384) and model.user_to_item.weight.shape == (384, 16)
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hllm_item_pooling": "cls"}, r"hllm_item_pooling 'cls' is unknown; use one of auto, item, mean"),
+    ({"hllm_text_fields": ["title"]}, r"hllm_text_fields names title, which .*test.item lacks"),
+    ({"hllm_user_llm": "MINILM"}, r"hllm_user_llm '.*' is not a decoder-only \(causal\) model"),
+    ({"hllm_item_num_layers": 9}, r"hllm_item_llm '.*' has 6 layers; set its num_layers key to 1..6"),
+    ({"hllm_max_text_length": 512}, r"hllm_max_text_length 512 leaves no room for the \[ITEM\] position"),
+    ({"hllm_user_num_heads": 5}, r"width divisible by hllm_user_num_heads"),
+    ({"hllm_item_llm": "no/such/folder"}, r"hllm_item_llm 'no/such/folder' does not exist"),
+])
+def test_clear_errors(workdir, overrides, message):
+    if overrides.get("hllm_user_llm") == "MINILM":
+        overrides = {"hllm_user_llm": str(encoder_path({"llm_encoder": None}))}
+    with pytest.raises(RecBoleLLMError, match=message):
+        build(hllm_config(workdir, hllm_freeze_item_llm=False, **overrides))
