@@ -138,8 +138,8 @@ class SLMRec(SequentialRecommender):
                    for head, layer in zip(self.ms_heads, self.blocks[:-1]))
 
     def calculate_loss(self, interaction):
-        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return F.cross_entropy(self.item_logits(users), interaction[self.POS_ITEM_ID])
+        final_state = self.last_state(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.rec_loss(final_state, interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):
         """Scores of ``interaction``'s (sequence, item) rows. Consecutive rows with the same sequence (``uni*``
