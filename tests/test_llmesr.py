@@ -92,8 +92,34 @@ def test_epoch_teacher_table_equals_batch_teacher_and_refreshes_on_train(data_di
     net.teacher_mode = "batch"
     assert torch.allclose(from_table, net.teacher(users), atol=1e-5)
     assert net._teacher_table is not None
+    net.teacher_mode = "epoch"
     net.train()
     assert net._teacher_table is None
+
+
+@pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_Bert4Rec"])
+def test_running_teacher_rows_are_the_training_steps_own_features(data_dir, model):
+    """After a step, a user whose full training sequence was in the batch has that step's feature as its row;
+    the other rows keep the first pass; the table survives train() (no per-epoch pass)."""
+    net, batch, *_ = build(data_dir, model, llmesr_teacher="running")
+    net.eval()  # no dropout, so the step's features can be recomputed
+    users = batch[net.USER_ID]
+    full = (batch[net.ITEM_SEQ] == net.user_seq[users]).all(-1)
+    assert full.any()
+    features = net.forward(batch[net.ITEM_SEQ], batch[net.ITEM_SEQ_LEN]).detach()
+    with torch.no_grad():
+        net.item_embedding.weight.add_(torch.randn_like(net.item_embedding.weight))  # the step's features differ
+    first_pass = net._encode_users(torch.arange(net.n_users))
+    net.calculate_loss(batch)
+    stepped = net.forward(batch[net.ITEM_SEQ], batch[net.ITEM_SEQ_LEN]).detach()
+    table = net._teacher_table
+    assert torch.allclose(table[users[full]], stepped[full], atol=1e-5)
+    assert not torch.allclose(stepped[full], features[full], atol=1e-3)
+    untouched = torch.ones(net.n_users, dtype=torch.bool)
+    untouched[users[full]] = False
+    assert torch.allclose(table[untouched], first_pass[untouched], atol=1e-5)
+    net.train()
+    assert net._teacher_table is table
 
 
 def test_user_training_sequences_exclude_the_last_training_item(data_dir):

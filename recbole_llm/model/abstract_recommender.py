@@ -211,7 +211,11 @@ class LLMESR:
       of the user's ``llmesr_sim_user_num`` most similar users, retrieved by LLM user-text vectors.
     - ``llmesr_user_sim_func``: ``kd`` = MSE(user, teacher); ``cl`` = the soft-target contrastive loss.
     - ``llmesr_teacher``: ``batch`` encodes each distinct similar user of a batch once under ``no_grad``;
-      ``epoch`` encodes every user once per epoch into a table (cheaper; the teacher lags by < 1 epoch).
+      ``epoch`` encodes every user once per epoch into a table (cheaper; the teacher lags by < 1 epoch);
+      ``running`` keeps that table without the extra pass: a user's row is the (detached) feature the training
+      step itself computed for the user's full training sequence, when that sequence was last in a batch, so
+      the teacher also lags by < 1 epoch and is seen, like the official one, through training-mode dropout.
+      The table is filled by one pass at the first step.
     - ``llmesr_item_reg``: ``beta * cl(adapter(llm_emb), id_emb)`` over the batch's distinct items.
     """
 
@@ -220,7 +224,7 @@ class LLMESR:
         self.distill = config["llmesr_distill"]
         self.alpha = config["llmesr_alpha"]
         self.user_sim_func = _choice(config, "llmesr_user_sim_func", ("kd", "cl"))
-        self.teacher_mode = _choice(config, "llmesr_teacher", ("batch", "epoch"))
+        self.teacher_mode = _choice(config, "llmesr_teacher", ("batch", "epoch", "running"))
         self.item_reg = config["llmesr_item_reg"]
         self.beta = config["llmesr_beta"]
         if self.item_reg and not (self.use_id_view and self.use_llm_view):
@@ -248,7 +252,8 @@ class LLMESR:
         return seqs, lengths
 
     def train(self, mode=True):
-        self._teacher_table = None  # a new epoch starts with model.train(): the epoch table is rebuilt
+        if self.teacher_mode == "epoch":
+            self._teacher_table = None  # a new epoch starts with model.train(): the epoch table is rebuilt
         return super().train(mode)
 
     @torch.no_grad()
@@ -258,12 +263,18 @@ class LLMESR:
     def teacher(self, users):
         """``[B, D]``: the mean detached feature of each user's similar users."""
         similar = self.similar_users[users]  # [B, k]
-        if self.teacher_mode == "epoch":
-            if self._teacher_table is None:
-                self._teacher_table = self._encode_users(torch.arange(self.n_users, device=users.device))
-            return self._teacher_table[similar].mean(1)
-        distinct, inverse = torch.unique(similar, return_inverse=True)
-        return self._encode_users(distinct)[inverse].mean(1)
+        if self.teacher_mode == "batch":
+            distinct, inverse = torch.unique(similar, return_inverse=True)
+            return self._encode_users(distinct)[inverse].mean(1)
+        if self._teacher_table is None:
+            self._teacher_table = self._encode_users(torch.arange(self.n_users, device=users.device))
+        return self._teacher_table[similar].mean(1)
+
+    def _record_teacher_rows(self, interaction, features):
+        """``running`` teacher: store the features of the batch rows whose input is the user's teacher input."""
+        users = interaction[self.USER_ID]
+        full = (interaction[self.ITEM_SEQ] == self.user_seq[users]).all(-1)
+        self._teacher_table[users[full]] = features[full].detach()
 
     def extra_losses(self, interaction, users):
         losses = []
@@ -271,6 +282,8 @@ class LLMESR:
             target = self.teacher(interaction[self.USER_ID])
             align = F.mse_loss(users, target) if self.user_sim_func == "kd" else soft_contrastive_loss(users, target)
             losses.append(self.alpha * align)
+            if self.teacher_mode == "running":
+                self._record_teacher_rows(interaction, users)
         if self.item_reg:
             items = torch.unique(interaction[self.ITEM_SEQ])
             items = items[items > 0]

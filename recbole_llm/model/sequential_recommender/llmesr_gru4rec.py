@@ -5,7 +5,7 @@ Reference: Qidong Liu et al. "LLM-ESR: Large Language Models Enhancement for Lon
 Recommendation." NeurIPS 2024. Official code: github.com/liuqidong07/LLM-ESR (models/LLMESR.py).
 
 Config keys: those of DualLLMGRU4Rec, plus (properties/model/LLMESR.yaml) llmesr_distill, llmesr_sim_user_num,
-llmesr_user_sim_func (kd or cl), llmesr_alpha, llmesr_teacher (batch or epoch), llmesr_item_reg
+llmesr_user_sim_func (kd or cl), llmesr_alpha, llmesr_teacher (batch, epoch or running), llmesr_item_reg
 and llmesr_beta. The similar users come from the side-data cache (llm_similar_users kept per user).
 """
 from recbole_llm.model.abstract_recommender import LLMESR
