@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from recbole.data import data_preparation
 from recbole.utils import init_seed
@@ -16,7 +17,9 @@ from recbole_llm.model.sequential_recommender.hllm import HLLM
 from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_recbole_llm
 from recbole_llm.text.encoders import encoder_path
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
-from tests.conftest import tiny_config, write_tiny_dataset
+from conftest import tiny_config, write_tiny_dataset
+from hllm_ranks import gather_on_rank
+from test_ddp import free_port
 
 PROMPT = "Compress the following sentence into embedding: "
 
@@ -175,6 +178,16 @@ def test_negatives_are_uniform_and_shared_by_all_positions(frozen, monkeypatch):
     assert set(draws.tolist()) == set(range(1, model.n_items))
 
 
+def test_negatives_are_gathered_across_ranks_with_gradients():
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(gather_on_rank, args=(free_port(), queue), nprocs=2, join=True)
+    results = dict((rank, (gathered, grad)) for rank, gathered, grad in (queue.get(), queue.get()))
+    expected = [[1.0] * 3, [1.0] * 3, [2.0] * 3, [2.0] * 3]
+    assert results[0][0] == results[1][0] == expected
+    # Each rank's own rows get the gradient of both ranks' losses (2 x their weights).
+    assert results[0][1] == [0.0, 2.0] and results[1][1] == [4.0, 6.0]
+
+
 # --- evaluation cache and checkpoints -----------------------------------------------------------------------------
 
 def test_item_cache_is_reused_and_invalidated_when_the_item_llm_changes(e2e):
@@ -242,9 +255,34 @@ def test_a_projection_maps_between_different_widths(frozen):
     assert model.item_to_user.weight.shape == (16, 384) and model.user_to_item.weight.shape == (384, 16)
 
 
+def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_head(workdir):
+    model, _, train, _, test = build(hllm_config(workdir, hllm_head="late_fusion", hllm_head_hidden_size=8))
+    batch = next(iter(train))
+    seq = batch["item_id_list"]
+    model.eval()
+    with torch.no_grad():
+        fused = model.user_states(seq, model.item_table[seq])
+        model.late_fusion = False
+        plain = model.user_states(seq, model.item_table[seq])
+        model.late_fusion = True
+    items = seq > 0  # padding positions may see [USER]; their states are never used
+    assert fused.shape[1] == seq.size(1) + 1 and torch.allclose(fused[:, :-1][items], plain[items], atol=1e-5)
+    model.train()
+    model.calculate_loss(batch).backward()
+    assert model.user_token.grad.norm() > 0 and model.fusion.item_in.weight.grad.norm() > 0
+    model.eval()
+    rows = next(iter(test))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(rows)
+        users = model.forward(rows["item_id_list"], rows["item_length"])
+        pairs = model.fusion(users[:3].repeat_interleave(5, 0), model.item_table[1:6].repeat(3, 1)).view(3, 5)
+    assert torch.allclose(scores[:3, 1:6], pairs, atol=1e-5)
+
+
 # --- errors -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
+    ({"hllm_head": "early_fusion"}, r"hllm_head 'early_fusion' is unknown; use one of generative, late_fusion"),
     ({"hllm_item_pooling": "cls"}, r"hllm_item_pooling 'cls' is unknown; use one of auto, item, mean"),
     ({"hllm_text_fields": ["title"]}, r"hllm_text_fields names title, which .*test.item lacks"),
     ({"hllm_user_llm": "MINILM"}, r"hllm_user_llm '.*' is not a decoder-only \(causal\) model"),

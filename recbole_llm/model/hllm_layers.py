@@ -18,6 +18,7 @@ from recbole_llm.text.templates import clean_text, read_item_file
 from recbole_llm.utils import RecBoleLLMError
 
 POOLINGS = ("auto", "item", "mean")
+HEADS = ("generative", "late_fusion")
 _TEXT_TYPES = ("token", "token_seq", "float")  # .item columns that can hold an item's words or numbers
 
 
@@ -261,3 +262,34 @@ def clamp_logit_scale(logit_scale, max_scale=100.0):
     """Keep ``exp(logit_scale)`` in [1, ``max_scale``], in place, as the official code does before every loss."""
     with torch.no_grad():
         logit_scale.clamp_(0.0, math.log(max_scale))
+
+
+# --- the late-fusion discriminative head (paper-derived: not in the official code) ----------------------------------
+
+class LateFusionHead(nn.Module):
+    """An MLP over ``[user vector; item vector]`` giving one logit (HLLM paper, late fusion). Its first layer is
+    split into a user part and an item part, so that every item can be scored against a user cheaply."""
+
+    def __init__(self, user_dim, item_dim, hidden_size):
+        super().__init__()
+        self.user_in = nn.Linear(user_dim, hidden_size)
+        self.item_in = nn.Linear(item_dim, hidden_size, bias=False)
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden_size, 1))
+
+    def forward(self, users, items):
+        """``[N]`` logits of the pairs ``users[i]``, ``items[i]``."""
+        return self.out(self.user_in(users) + self.item_in(items)).squeeze(-1)
+
+    def score_all(self, users, items, chunk=64):
+        """``[len(users), len(items)]`` logits of every pair, ``chunk`` users at a time to bound memory."""
+        item_part = self.item_in(items)
+        return torch.cat([self.out(self.user_in(part)[:, None] + item_part[None]).squeeze(-1)
+                          for part in users.split(chunk)])
+
+
+def head_choice(config):
+    """``hllm_head``, checked."""
+    head = config["hllm_head"]
+    if head not in HEADS:
+        raise RecBoleLLMError(f"hllm_head '{head}' is unknown; use one of {', '.join(HEADS)}.")
+    return head

@@ -12,8 +12,10 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.hllm_layers import (ItemLLM, autocast, clamp_logit_scale, configure_llm, frozen_item_table,
-                                           gather_negatives, nce_loss, uniform_items, user_llm)
+from recbole_llm.model.hllm_layers import (ItemLLM, LateFusionHead, autocast, clamp_logit_scale, configure_llm,
+                                           frozen_item_table, gather_negatives, head_choice, nce_loss, uniform_items,
+                                           user_llm)
+from recbole_llm.model.layers import sample_negatives
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -40,15 +42,19 @@ class HLLM(SequentialRecommender):
       and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
       caching). For evaluation all items are embedded once per evaluation, in batches under ``no_grad``, and kept
       until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
-    - The paper's discriminative heads (early/late fusion) are not implemented: the official code does not have
-      them either.
+    - ``hllm_head: late_fusion`` (paper-derived, NOT in the official code, whose authors did not release it): a
+      learnable [USER] vector follows each sequence's last item; the user LLM's output there and an item vector go
+      through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
+      0), plus ``hllm_gen_weight`` times the InfoNCE above; scores are the MLP's logits. Early fusion (one user-LLM
+      pass per candidate) is not implemented.
 
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_batch_size``, ``hllm_user_llm``,
     ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``,
     ``hllm_user_inner_size``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_bf16``,
-    ``hllm_gradient_checkpointing``; and ``llm_train_mode``.
+    ``hllm_gradient_checkpointing``, ``hllm_head``, ``hllm_gen_weight``, ``hllm_head_hidden_size``; and
+    ``llm_train_mode``.
     """
 
     llm_train_modes = ("prefix", "all_positions")
@@ -79,6 +85,11 @@ class HLLM(SequentialRecommender):
         self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
         self.user_to_item = nn.Linear(user_dim, item_dim) if user_dim != item_dim else nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.late_fusion = head_choice(config) == "late_fusion"
+        if self.late_fusion:
+            self.user_token = nn.Parameter(torch.randn(user_dim) * 0.02)
+            self.fusion = LateFusionHead(user_dim, item_dim, config["hllm_head_hidden_size"])
+            self.gen_weight = config["hllm_gen_weight"]
         self._eval_items, self._eval_items_key = None, None
 
     # --- item vectors -------------------------------------------------------------------------------------------
@@ -105,34 +116,52 @@ class HLLM(SequentialRecommender):
         return self._eval_items
 
     # --- user side ----------------------------------------------------------------------------------------------
-    def encode(self, item_seq, item_vectors):
-        """``[B, L, D]``: the user LLM's last-layer output at every position of the left-aligned ``item_seq``,
-        given the item vectors ``[B, L, D]`` of its items."""
-        inputs = self.item_to_user(item_vectors)
+    def user_states(self, item_seq, item_vectors):
+        """``[B, L, user width]``: the user LLM's last-layer states over the left-aligned ``item_seq`` given its
+        item vectors ``[B, L, D]``; with the late-fusion head ``[B, L + 1, .]``, the learnable [USER] vector put
+        right after each sequence's last item (causal attention keeps the item positions' states unchanged)."""
+        inputs, mask = self.item_to_user(item_vectors), item_seq > 0
+        if self.late_fusion:
+            slot = F.one_hot(mask.sum(1), item_seq.size(1) + 1).bool()  # the first position after the items
+            inputs = torch.where(slot[..., None], self.user_token, F.pad(inputs, (0, 0, 0, 1)))
+            mask = F.pad(mask, (0, 1)) | slot
         with autocast(item_seq.device, self.bf16):
-            hidden = self.user_llm(inputs_embeds=inputs, attention_mask=(item_seq > 0).long()).last_hidden_state
-        return self.user_to_item(hidden.float())
+            hidden = self.user_llm(inputs_embeds=inputs, attention_mask=mask.long()).last_hidden_state
+        return hidden.float()
 
     def forward(self, item_seq, item_seq_len):
-        """``[B, D]``: the user vector, the output at each sequence's last item."""
-        return self.gather_indexes(self.encode(item_seq, self.all_item_vectors()[item_seq]), item_seq_len - 1)
+        """``[B, .]``: the user vector: the output at the [USER] vector (late fusion), else the generative output
+        at each sequence's last item."""
+        states = self.user_states(item_seq, self.all_item_vectors()[item_seq])
+        if self.late_fusion:
+            return states[torch.arange(len(states), device=states.device), item_seq_len]
+        return self.gather_indexes(self.user_to_item(states), item_seq_len - 1)
 
     # --- training -----------------------------------------------------------------------------------------------
     def calculate_loss(self, interaction):
-        item_seq = interaction[self.ITEM_SEQ]
+        item_seq, lengths, last_target = (interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
+                                          interaction[self.POS_ITEM_ID])
         negatives = uniform_items(self._local_negatives(), self.n_items, item_seq.device)
-        if self.all_positions:
-            targets = interaction[self.target_list]
-            valid = targets > 0
-            positives = targets[valid]
-        else:
-            positives = interaction[self.POS_ITEM_ID]
-        vectors = self.item_vectors(torch.cat([item_seq.flatten(), positives, negatives]))
-        seq_vectors, pos_vectors, neg_vectors = vectors.split([item_seq.numel(), len(positives), len(negatives)])
-        states = self.encode(item_seq, seq_vectors.view(*item_seq.shape, -1))
-        outputs = states[valid] if self.all_positions else self.gather_indexes(states, interaction[self.ITEM_SEQ_LEN] - 1)
+        valid = interaction[self.target_list] > 0 if self.all_positions else None
+        positives = interaction[self.target_list][valid] if self.all_positions else last_target
+        fusion_negatives = sample_negatives(last_target, self.n_items) if self.late_fusion else last_target[:0]
+        groups = [item_seq.flatten(), positives, negatives, last_target, fusion_negatives]
+        vectors = self.item_vectors(torch.cat(groups)).split([len(g) for g in groups])
+        states = self.user_states(item_seq, vectors[0].view(*item_seq.shape, -1))
+        outputs = self.user_to_item(states[:, : item_seq.size(1)])
+        outputs = outputs[valid] if self.all_positions else self.gather_indexes(outputs, lengths - 1)
         clamp_logit_scale(self.logit_scale)
-        return nce_loss(outputs, pos_vectors, gather_negatives(neg_vectors), self.logit_scale, self.nce_thres)
+        loss = nce_loss(outputs, vectors[1], gather_negatives(vectors[2]), self.logit_scale, self.nce_thres)
+        if not self.late_fusion:
+            return loss
+        users = states[torch.arange(len(states), device=states.device), lengths]
+        return self.fusion_loss(users, vectors[3], vectors[4]) + self.gen_weight * loss
+
+    def fusion_loss(self, users, positives, negatives):
+        """The late-fusion head's BCE: each user's next item has label 1, its sampled negative label 0."""
+        logits = torch.cat([self.fusion(users, positives), self.fusion(users, negatives)])
+        labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users))]).to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits, labels)
 
     def _local_negatives(self):
         """This rank's share of ``hllm_num_negatives``: the gathered total is about that many."""
@@ -143,8 +172,10 @@ class HLLM(SequentialRecommender):
     def predict(self, interaction):
         users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         items = self.all_item_vectors()[interaction[self.ITEM_ID]]
-        return F.cosine_similarity(users, items, dim=-1)
+        return self.fusion(users, items) if self.late_fusion else F.cosine_similarity(users, items, dim=-1)
 
     def full_sort_predict(self, interaction):
-        users = F.normalize(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), dim=-1)
-        return users @ F.normalize(self.all_item_vectors(), dim=-1).T
+        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        if self.late_fusion:
+            return self.fusion.score_all(users, self.all_item_vectors())
+        return F.normalize(users, dim=-1) @ F.normalize(self.all_item_vectors(), dim=-1).T
