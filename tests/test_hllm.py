@@ -286,7 +286,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_pooling": "cls"}, r"hllm_item_pooling 'cls' is unknown; use one of auto, item, mean"),
     ({"hllm_text_fields": ["title"]}, r"hllm_text_fields names title, which .*test.item lacks"),
     ({"hllm_user_llm": "MINILM"}, r"hllm_user_llm '.*' is not a decoder-only \(causal\) model"),
-    ({"hllm_item_num_layers": 9}, r"hllm_item_llm '.*' has 6 layers; set its num_layers key to 1..6"),
+    ({"hllm_item_num_layers": 9}, r"hllm_item_llm '.*' has 6 layers; set hllm_item_num_layers to 1..6"),
     ({"hllm_max_text_length": 512}, r"hllm_max_text_length 512 leaves no room for the \[ITEM\] position"),
     ({"hllm_user_num_heads": 5}, r"width divisible by hllm_user_num_heads"),
     ({"hllm_item_llm": "no/such/folder"}, r"hllm_item_llm 'no/such/folder' does not exist"),

@@ -73,8 +73,9 @@ def load_llm(path, pretrained, num_layers, key):
     if num_layers is not None:
         available = hf_config.num_hidden_layers
         if not 1 <= num_layers <= available:
-            raise RecBoleLLMError(f"{key} '{path}' has {available} layers; set its num_layers key to 1..{available} "
-                                  f"or ~, not {num_layers}.")
+            layers_key = key.replace("_llm", "_num_layers")
+            raise RecBoleLLMError(f"{key} '{path}' has {available} layers; set {layers_key} to 1..{available} or ~, "
+                                  f"not {num_layers}.")
         overrides["num_hidden_layers"] = num_layers
     if pretrained:
         return AutoModel.from_pretrained(path, local_files_only=True, **overrides)
