@@ -49,7 +49,6 @@ linearly) and there is no gradient accumulation (``train_batch_size`` is the bat
 """
 import os
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +57,7 @@ from recbole.utils import InputType, ModelType
 from torch import nn
 
 from recbole_llm.data.ctr import ANSWERS, CTRPrompts
+from recbole_llm.model.abstract_recommender import _choice
 from recbole_llm.model.layers import MetaLoRA, MetaLoRAGate
 from recbole_llm.utils import RecBoleLLMError
 
@@ -66,38 +66,19 @@ LOSSES = ("lm", "bce")
 PROMPT = "{prompt}"
 
 
-def _choice(config, key, allowed):
-    value = config[key]
-    if value not in allowed:
-        raise RecBoleLLMError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}.")
-    return value
-
-
-def llm_path(config):
-    """``reclora_llm``, a local Hugging Face folder, else the bundled all-MiniLM-L6-v2."""
-    from recbole_llm.text.encoders import encoder_path
-
-    if config["reclora_llm"] is None:
-        return encoder_path({"llm_encoder": None})
-    path = Path(config["reclora_llm"]).expanduser()
-    if not (path / "config.json").is_file():
-        raise RecBoleLLMError(f"reclora_llm '{path}' is not a Hugging Face model folder (no config.json there); "
-                              f"point it at the folder save_pretrained wrote, or set it to ~ for all-MiniLM-L6-v2.")
-    return path
-
-
 def load_llm(config):
     """``(model, tokenizer, causal)``: the frozen LLM of ``reclora_llm``; ``causal`` for decoder-only models."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from recbole_llm.text.encoders import _is_decoder_only
+    from recbole_llm.text.encoders import _is_decoder_only, encoder_path
 
-    path = llm_path(config)
+    path = encoder_path(config, "reclora_llm")
     causal = _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True))
     model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, local_files_only=True)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.truncation_side = "left"  # a long prompt loses its oldest tokens, never the answer position
     if not causal and tokenizer.mask_token is None:
         raise RecBoleLLMError(f"reclora_llm '{path}' is an encoder without a mask token, which RecLoRA scores at; "
                               f"use a BERT-style encoder or a causal LM.")
@@ -262,7 +243,6 @@ class RecLoRA(AbstractRecommender):
         return vocab_logits, lm_loss
 
     def _encoder_logits(self, texts, labels):
-        self.tokenizer.truncation_side = "left"
         batch = self.tokenizer([text + self.tokenizer.mask_token for text in texts], padding=True, truncation=True,
                                max_length=self.max_tokens, return_tensors="pt").to(self.device)
         at_mask = batch["input_ids"] == self.tokenizer.mask_token_id
