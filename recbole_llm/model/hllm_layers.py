@@ -229,13 +229,29 @@ def uniform_items(count, n_items, device):
     return torch.randint(1, n_items, (count,), device=device)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows (equal counts per rank), concatenated in rank order; the backward pass sums every rank's
+    gradient of the whole and hands each rank the slice of its own rows."""
+
+    @staticmethod
+    def forward(ctx, local):
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rows, ctx.rank = len(local), dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_negatives(negatives):
     """The negatives of every DDP rank, ``[world * K, D]``, with gradients flowing back to each rank's own."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return negatives
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(negatives))
+    return _GatherRows.apply(negatives)
 
 
 def nce_logits(outputs, positives, negatives, logit_scale, threshold):
