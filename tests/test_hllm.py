@@ -126,6 +126,15 @@ def test_frozen_mode_trains_only_the_user_side(frozen):
     assert torch.equal(model.item_table, table)
 
 
+def test_frozen_table_is_read_back_from_the_cache(workdir, frozen, monkeypatch):
+    monkeypatch.setattr(hllm_layers.ItemLLM, "encode_all", lambda self: pytest.fail("the items were encoded again"))
+    again = build(hllm_config(workdir))[0]
+    assert torch.equal(again.item_table, frozen[0].item_table)
+    other = hllm_config(workdir, hllm_max_text_length=12)  # another token table: another fingerprint
+    with pytest.raises(pytest.fail.Exception, match="encoded again"):
+        build(other)
+
+
 # --- the loss -----------------------------------------------------------------------------------------------------
 
 def test_false_negative_mask_removes_exactly_the_near_duplicates():
