@@ -13,9 +13,10 @@ The defaults (a 4-layer teacher and a 2-layer student of all-MiniLM-L6-v2, 2 blo
 ratio at a size a CPU trains in minutes.
 
 Each stage runs in its own process through ``benchmarks/compare.py``'s worker (``quick_start.run``), keeps its
-checkpoint for the next stage, and reports metrics, time and parameters (total and trainable). The SLMRec stages
-share ``--config_files``; every stage gets the ``--key=value`` arguments. The report goes to ``--out``, with the YAML
-of every stage.
+checkpoint for the next stage, and reports metrics, time and parameters (total and trainable). Then the teacher
+and the distilled student are timed side by side in one process (``--side_by_side TEACHER STUDENT`` does only that).
+The SLMRec stages share ``--config_files``; every stage gets the ``--key=value`` arguments. The report goes to
+``--out``, with the YAML of every stage.
 """
 import argparse
 import os
@@ -93,6 +94,62 @@ def efficiency_table(runs, args):
         f"went into the transformer layers. The distilled student's epoch also runs the teacher's forward pass.")
 
 
+def side_by_side(paths, batches=2, rounds=3):
+    """``{label: {"users_per_s", "train_s_per_step", "layers"}}``: the checkpoints in ``paths`` timed in this one
+    process, in turn, for ``rounds`` rounds (the median counts), so that other load on the machine hits all alike.
+
+    Inference: ``full_sort_predict`` on the first ``batches`` test batches; training: forward and backward of the
+    model's own CE loss (no teacher) on the first ``batches`` training batches.
+    """
+    import itertools
+    import statistics
+
+    import torch
+
+    from recbole_llm.quick_start import load_data_and_model
+
+    loaded = {label: load_data_and_model(path) for label, path in paths.items()}
+    seconds = {label: {"infer": [], "train": []} for label in paths}
+    users = {}
+    for _ in range(rounds):
+        for label, (_, model, _, train_data, _, test_data) in loaded.items():
+            model.eval()
+            evaluation = [batch[0] for batch in itertools.islice(test_data, batches)]
+            users[label] = sum(len(batch) for batch in evaluation)
+            start = time.perf_counter()
+            with torch.no_grad():
+                for batch in evaluation:
+                    model.full_sort_predict(batch)
+            seconds[label]["infer"].append(time.perf_counter() - start)
+            model.train()
+            start = time.perf_counter()
+            for batch in itertools.islice(train_data, batches):
+                model.calculate_loss(batch).backward()
+            model.zero_grad()
+            seconds[label]["train"].append((time.perf_counter() - start) / batches)
+    return {label: {"users_per_s": users[label] / statistics.median(seconds[label]["infer"]),
+                    "train_s_per_step": statistics.median(seconds[label]["train"]),
+                    "layers": loaded[label][1].n_layers} for label in paths}
+
+
+def side_by_side_section(timings, paths):
+    """Markdown: the side-by-side timings, each model's speed-up over the first one and the ideal layer ratio."""
+    base_label, base = next(iter(timings.items()))
+    rows = [[label, t["layers"], f"{t['users_per_s']:.1f}", f"{t['train_s_per_step']:.2f}",
+             f"{t['users_per_s'] / base['users_per_s']:.2f}×",
+             f"{base['train_s_per_step'] / t['train_s_per_step']:.2f}×", f"{base['layers'] / t['layers']:.1f}×"]
+            for label, t in timings.items()]
+    header = ["model", "layers", "inference users/s", "train s/step", f"inference speed-up vs {base_label}",
+              f"train speed-up vs {base_label}", "ideal (layer ratio)"]
+    sources = ", ".join(f"{label} `{path}`" for label, path in paths.items())
+    return "\n".join(["## Side by side: teacher and student in one process", "",
+                      f"Checkpoints: {sources}. Each round times every model in turn (full-ranking inference on the "
+                      f"first test batches; forward + backward of its own CE on the first training batches, without "
+                      f"a teacher); the median of the rounds counts. Load from other processes on the machine "
+                      f"thus hits all models alike, unlike the per-stage figures above.", "",
+                      compare.markdown_table(header, rows), ""])
+
+
 def render(args, command, runs):
     """The Markdown report: context, each stage's YAML and keys, metrics overall and by group, efficiency."""
     results = [run["result"] for run in runs if run["result"]]
@@ -139,6 +196,8 @@ def parse_args(argv):
                         help="YAML files of the SLMRec stages, space-separated")
     parser.add_argument("--checkpoint_dir", default="saved")
     parser.add_argument("--out", default=None, help="Markdown file (default results/<dataset>-slmrec.md)")
+    parser.add_argument("--side_by_side", nargs=2, metavar=("TEACHER", "STUDENT"),
+                        help="only time these two SLMRec checkpoints side by side and add the section to --out")
     args, extra = parser.parse_known_args(argv)
     if any(not arg.startswith("--") or "=" not in arg for arg in extra):
         parser.error("extra arguments must be --key=value")
@@ -150,6 +209,10 @@ def main(argv):
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
     args = parse_args(argv)
+    out = args.out or os.path.join("results", f"{args.dataset}-slmrec.md")
+    if args.side_by_side:
+        teacher, student = args.side_by_side
+        return append_side_by_side(out, {"teacher": teacher, "student": student})
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def checkpoint(label):
@@ -162,12 +225,23 @@ def main(argv):
             break  # the next stages need this one's checkpoint
     report = render(args, shlex.join(["python", "benchmarks/slmrec_pipeline.py", *argv]), runs)
     print("\n" + report)
-    out = args.out or os.path.join("results", f"{args.dataset}-slmrec.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write(report + "\n")
     print(f"written to {out}")
-    return 0 if all(run["result"] for run in runs) and len(runs) == 4 else 1
+    if not (all(run["result"] for run in runs) and len(runs) == 4):
+        return 1
+    return append_side_by_side(out, {"teacher": checkpoint("teacher"), "student": checkpoint("student_distilled")})
+
+
+def append_side_by_side(out, paths):
+    """Time the teacher and the student side by side and add the section to the report ``out``."""
+    section = side_by_side_section(side_by_side(paths), paths)
+    print("\n" + section)
+    with open(out, "a", encoding="utf-8") as f:
+        f.write("\n" + section)
+    print(f"added to {out}")
+    return 0
 
 
 if __name__ == "__main__":
