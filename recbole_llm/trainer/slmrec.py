@@ -36,7 +36,8 @@ def _refuse(path, what, fix):
 
 def load_teacher(config, student):
     """The frozen teacher of ``student``: the SLMRec of ``slmrec_teacher_checkpoint``, checked against the student
-    (model, dataset, item table, hidden size, depth), in eval mode on the student's device."""
+    (model, dataset, item table, hidden size, and ``slmrec_distill_blocks`` dividing its depth), in eval mode on the
+    student's device, without gradients."""
     path = config["slmrec_teacher_checkpoint"]
     if not path:
         raise RecBoleLLMError("slmrec_distill needs slmrec_teacher_checkpoint: the .pth of a deeper SLMRec run on "
