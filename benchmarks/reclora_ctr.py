@@ -8,7 +8,8 @@
 3. Trains RecLoRA twice on the same Few2Many subset with the same LLM, once as one shared LoRA (``origin``) and once
    with the DIN-gated meta-LoRA bank, both reading the DIN checkpoint.
 4. Prints and writes the table (test AUC and LogLoss, training samples, seconds per 1,000 training samples, test
-   evaluation seconds, trainable parameters) with the command, date, machine and every config file and key.
+   evaluation seconds, trainable parameters) with the command, date, machine and every config file and key; a
+   hand-written "## Reading" section of the previous report is kept.
 
 The protocol is ``benchmarks/protocols/ctr_rella.yaml`` + ``ctr_rella_cpu.yaml``. ``--llm_layers N`` keeps the first
 N layers of the bundled all-MiniLM-L6-v2 (saved once under saved/reclora_llm/), to fit a small CPU. ``--reuse``
@@ -28,12 +29,15 @@ import compare
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = ["benchmarks/protocols/ctr_rella.yaml", "benchmarks/protocols/ctr_rella_cpu.yaml"]
 STATE = os.path.join("saved", "reclora_ctr")
+MODEL_DEFAULTS = "properties/model/RecLoRA.yaml"
 CRM_FILE = "DIN-ctr-cpu.pth"
-# Per-model keys on top of the protocol. DIN: the CRM, on all training samples. RecLoRA: one epoch on the subset.
+NOTES = "## Reading"  # a hand-written section of the report, kept when the script rewrites it
+# Per-model keys on top of the protocol. DIN: the CRM, on all training samples. RecLoRA: one epoch on the subset
+# (the official run stops after one), validated on 100 rows only: with one epoch there is nothing to select.
 MODEL_KEYS = {
     "DIN": ["--epochs=1", "--train_batch_size=2048", "--eval_batch_size=4096", "--learning_rate=0.001",
             f"--llm_checkpoint_name={CRM_FILE}"],
-    "RecLoRA": ["--epochs=1", "--eval_step=0", "--train_batch_size=16", "--eval_batch_size=64",
+    "RecLoRA": ["--epochs=1", "--reclora_valid_samples=100", "--train_batch_size=16", "--eval_batch_size=64",
                 "--reclora_llm_hist_len=5", "--reclora_loss=bce"],
 }
 
@@ -122,10 +126,23 @@ def table(results, counts, train_samples):
     return "\n".join(lines)
 
 
-def report(results, counts, args, argv):
+def hand_notes(out):
+    """The hand-written ``## Reading`` section of an earlier report at ``out``, kept when the report is rewritten."""
+    if not os.path.isfile(out):
+        return ""
+    with open(out, encoding="utf-8") as f:
+        text = f.read()
+    start = text.find(NOTES)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(NOTES))
+    return text[start:end if end >= 0 else None].rstrip() + "\n\n"
+
+
+def report(results, counts, args, argv, notes):
     env = results[-1][1]["env"]
     files = "\n\n".join(f"`{path}`\n```yaml\n{open(os.path.join(REPO, path), encoding='utf-8').read()}```"
-                        for path in PROTOCOL)
+                        for path in PROTOCOL + [MODEL_DEFAULTS])
     keys = "\n".join(f"- {name}: `{' '.join(summary['keys'])}`" for name, summary in results)
     return f"""# {args.dataset}: CTR (ReLLa/RecLoRA protocol)
 
@@ -141,7 +158,8 @@ ratings of the user) -> train {counts['train']:,} / valid {counts['valid']:,} / 
 
 Train s / 1,000 samples: training seconds of one epoch over the samples it trained on, times 1,000.
 
-## Config
+{notes}## Config
+DIN also takes RecBole's own DIN defaults (properties/model/DIN.yaml of RecBole 1.2.1) under these files.
 {files}
 
 Keys per model (on the command line of each run, after the files):
@@ -155,9 +173,9 @@ def main(argv):
     counts = row_counts(args.dataset)
     print(json.dumps(counts), flush=True)
     results = runs(args)
-    text = report(results, counts, args, argv)
     print(table(results, counts, args.train_samples))
     out = args.out or os.path.join("results", f"{args.dataset}-ctr.md")
+    text = report(results, counts, args, argv, hand_notes(out))
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     print("wrote", out)
