@@ -291,6 +291,16 @@ def test_few_to_many_draws_a_fixed_subset(root):
     assert len(first) == 10 and torch.equal(first.inter_feat["timestamp"], second.inter_feat["timestamp"])
 
 
+def test_linear_schedule_reaches_zero(root):
+    model, trainer, train, test = build_model(root, learning_rate=0.01)
+    trainer._schedule(4)
+    rates = []
+    for _ in range(4):
+        trainer.optimizer.step()
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.0075, 0.005, 0.0025, 0.0])
+
+
 # ---------------------------------------------------------------- clear errors
 
 def test_errors(root):

@@ -9,6 +9,8 @@
 - Few2Many: the LLM trains on ``reclora_train_samples`` training samples drawn with ``reclora_subset_seed``
   (``random.Random(seed).sample``, as ReLLa draws them), kept in time order and shuffled per epoch by the loader.
 - Only the trainable parameters (the LoRA banks and gates) reach the optimizer and the checkpoints.
+- ``reclora_lr_schedule: linear`` decays the learning rate linearly to 0 over the run (the official schedule; the
+  official run stops after the first of its 5 epochs, so its rate only falls to 80%).
 """
 import os
 import random
@@ -17,7 +19,10 @@ import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
+from recbole_llm.model.abstract_recommender import _choice
 from recbole_llm.utils import RecBoleLLMError, get_model
+
+SCHEDULES = ("linear", "constant")
 
 # Config values a CRM checkpoint must share with the RecLoRA run: the samples, their labels and the split.
 CRM_KEYS = ("dataset", "llm_dataset", "reclora_crm_hist_len", "reclora_min_history", "reclora_label_threshold")
@@ -98,4 +103,14 @@ class RecLoRATrainer(Trainer):
         return super()._build_optimizer(**kwargs)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        return super().fit(few_to_many(train_data, self.config), valid_data, verbose, saved, show_progress, callback_fn)
+        train_data = few_to_many(train_data, self.config)
+        self._schedule(self.epochs * len(train_data))
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _schedule(self, total_steps):
+        """``reclora_lr_schedule: linear``: the learning rate falls linearly to 0 over the run's steps, stepped after
+        every optimizer step (the official HF Trainer's schedule, without warm-up)."""
+        schedule = _choice(self.config, "reclora_lr_schedule", SCHEDULES)
+        if schedule == "linear":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: max(0.0, 1 - step / total_steps))
+            self.optimizer.register_step_post_hook(lambda *args: scheduler.step())

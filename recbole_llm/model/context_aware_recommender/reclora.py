@@ -39,13 +39,14 @@ same LLM.
 Config keys (properties/model/RecLoRA.yaml): reclora_llm, reclora_chat_template, reclora_max_tokens,
 reclora_history, reclora_llm_hist_len, reclora_pca_dim, reclora_mode, reclora_loss, reclora_target_modules,
 reclora_rank, reclora_alpha, reclora_lora_dropout, reclora_n_meta, reclora_gate_hidden, reclora_gate_dropout,
-reclora_temperature, reclora_crm_dim, reclora_crm_checkpoint, reclora_train_samples, reclora_subset_seed; and the
+reclora_temperature, reclora_crm_dim, reclora_crm_checkpoint, reclora_train_samples, reclora_subset_seed,
+reclora_lr_schedule; and the
 CTR data keys of properties/overall.yaml (reclora_min_history, reclora_label_threshold, reclora_crm_hist_len,
 reclora_valid_samples, reclora_test_samples).
 
 Deviations: the retriever embeds items with ``llm_encoder`` over the side-data item text (title, year, genres)
-instead of Vicuna over ReLLa's movie sentence; the learning rate is constant (the official schedule decays
-linearly) and there is no gradient accumulation (``train_batch_size`` is the batch).
+instead of Vicuna over ReLLa's movie sentence; there is no gradient accumulation (``train_batch_size`` is the
+batch); the model is selected on valid (the official code selects on test).
 """
 import os
 from collections import OrderedDict
