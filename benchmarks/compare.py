@@ -112,7 +112,8 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
     test_s = sum(stats["test_s"])
     return {
         "model": model, "seed": config["seed"],
-        "best_valid": dict(result["best_valid_result"]), "test": dict(result["test_result"]),
+        # RecBole returns no best-valid result when a run never validates (eval_step 0).
+        "best_valid": dict(result["best_valid_result"] or {}), "test": dict(result["test_result"]),
         "train_s_per_epoch": statistics.mean(stats["train_s"]) if stats["train_s"] else None,
         "epochs": len(stats["train_s"]),
         "valid_eval_s": statistics.mean(stats["valid_s"]) if stats["valid_s"] else None,
