@@ -1,4 +1,5 @@
-"""llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset and SASRecAP, its SASRec baseline."""
+"""llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset, and SASRecAP and GRU4RecAP, its
+baselines: RecBole's SASRec and GRU4Rec with the loss at every position."""
 from collections import defaultdict
 
 import numpy as np
@@ -7,18 +8,23 @@ import torch
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
+from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole.utils import init_seed
 
 from recbole_llm.config import Config
 from recbole_llm.data.dataset import AllPositionsDataset
 from recbole_llm.model.layers import sample_negatives
-from recbole_llm.model.sequential_recommender import sasrecap
+from recbole_llm.model import abstract_recommender
+from recbole_llm.model.sequential_recommender.gru4recap import GRU4RecAP
 from recbole_llm.model.sequential_recommender.sasrecap import SASRecAP
 from recbole_llm.quick_start import objective_function
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
 
 TARGETS = "item_id_target_list"
+# (all-positions model, the stock RecBole model whose network it keeps)
+PAIRS = pytest.mark.parametrize("ours_class, stock_class", [(SASRecAP, SASRec), (GRU4RecAP, GRU4Rec)],
+                                ids=["SASRecAP", "GRU4RecAP"])
 
 
 def prepare(tiny, model="SASRecAP", **overrides):
@@ -29,12 +35,12 @@ def prepare(tiny, model="SASRecAP", **overrides):
     return (config, *data_preparation(config, create_dataset(config)))
 
 
-def both_models(config, dataset, seed=7):
-    """SASRecAP holding the weights of a RecBole SASRec drawn with another seed than SASRecAP's, both in eval mode."""
+def both_models(config, dataset, ours_class=SASRecAP, stock_class=SASRec, seed=7):
+    """Ours holding the weights of the stock model drawn with another seed than ours, both in eval mode."""
     init_seed(config["seed"], True)
-    ours = SASRecAP(config, dataset)
+    ours = ours_class(config, dataset)
     init_seed(seed, True)
-    stock = SASRec(config, dataset)
+    stock = stock_class(config, dataset)
     ours.load_state_dict(stock.state_dict())  # strict: the same parameter names and shapes
     return ours.eval(), stock.eval()
 
@@ -61,20 +67,22 @@ def prefix_states(stock, batch):
 
 # (a) the same network as RecBole's SASRec
 
-def test_same_parameters_and_initialisation_as_sasrec(tiny):
-    config, train, _, _ = prepare(tiny)
+@PAIRS
+def test_same_parameters_and_initialisation_as_the_stock_model(tiny, ours_class, stock_class):
+    config, train, _, _ = prepare(tiny, model=ours_class.__name__)
     init_seed(config["seed"], True)
-    ours = SASRecAP(config, train.dataset)
+    ours = ours_class(config, train.dataset)
     init_seed(config["seed"], True)
-    stock = SASRec(config, train.dataset)
+    stock = stock_class(config, train.dataset)
     theirs = stock.state_dict()
     assert list(ours.state_dict()) == list(theirs)
     assert all(torch.equal(value, theirs[name]) for name, value in ours.state_dict().items())
 
 
-def test_last_position_scores_equal_sasrec_on_same_weights(tiny):
-    config, train, valid, _ = prepare(tiny)
-    ours, stock = both_models(config, train.dataset)
+@PAIRS
+def test_last_position_scores_equal_the_stock_model_on_same_weights(tiny, ours_class, stock_class):
+    config, train, valid, _ = prepare(tiny, model=ours_class.__name__)
+    ours, stock = both_models(config, train.dataset, ours_class, stock_class)
     batch = next(iter(valid))[0]
     assert len(set(batch["item_length"].tolist())) > 1  # sequences of several lengths, so padding differs
     with torch.no_grad():
@@ -82,18 +90,20 @@ def test_last_position_scores_equal_sasrec_on_same_weights(tiny):
         assert torch.equal(ours.predict(batch), stock.predict(batch))
 
 
-def test_prefix_mode_runs_exactly_as_sasrec(tiny):
-    sasrec = objective_function({**tiny[0], "model": "SASRec"}, saved=False)
-    ours = objective_function({**tiny[0], "model": "SASRecAP", "llm_train_mode": "prefix"}, saved=False)
-    assert ours["best_valid_result"] == sasrec["best_valid_result"]
-    assert ours["test_result"] == sasrec["test_result"]
+@PAIRS
+def test_prefix_mode_runs_exactly_as_the_stock_model(tiny, ours_class, stock_class):
+    stock = objective_function({**tiny[0], "model": stock_class.__name__}, saved=False)
+    ours = objective_function({**tiny[0], "model": ours_class.__name__, "llm_train_mode": "prefix"}, saved=False)
+    assert ours["best_valid_result"] == stock["best_valid_result"]
+    assert ours["test_result"] == stock["test_result"]
 
 
 # (b) the causal mask
 
-def test_an_item_changes_only_its_own_and_later_positions(tiny):
-    config, train, _, _ = prepare(tiny)
-    ours, _ = both_models(config, train.dataset)
+@PAIRS
+def test_an_item_changes_only_its_own_and_later_positions(tiny, ours_class, stock_class):
+    config, train, _, _ = prepare(tiny, model=ours_class.__name__)
+    ours, _ = both_models(config, train.dataset, ours_class, stock_class)
     feat = train.dataset.inter_feat
     seq = feat["item_id_list"][feat["item_length"] == 20][:8]  # full sequences
     assert len(seq) == 8
@@ -107,9 +117,10 @@ def test_an_item_changes_only_its_own_and_later_positions(tiny):
 
 # (c) the loss against hand computations, (d) padding
 
-def test_ce_loss_is_the_mean_of_prefix_cross_entropies(tiny):
-    config, train, _, _ = prepare(tiny)
-    ours, stock = both_models(config, train.dataset)
+@PAIRS
+def test_ce_loss_is_the_mean_of_prefix_cross_entropies(tiny, ours_class, stock_class):
+    config, train, _, _ = prepare(tiny, model=ours_class.__name__)
+    ours, stock = both_models(config, train.dataset, ours_class, stock_class)
     batch = hand_batch()
     targets = batch[TARGETS][batch[TARGETS] > 0].tolist()
     with torch.no_grad():
@@ -123,7 +134,7 @@ def test_bpr_loss_uses_one_negative_per_position(tiny, monkeypatch):
     config, train, _, _ = prepare(tiny, loss_type="BPR")
     ours, stock = both_models(config, train.dataset)
     drawn = []
-    monkeypatch.setattr(sasrecap, "sample_negatives",
+    monkeypatch.setattr(abstract_recommender, "sample_negatives",
                         lambda positives, n_items: drawn.append(sample_negatives(positives, n_items)) or drawn[-1])
     batch = hand_batch()
     targets = batch[TARGETS][batch[TARGETS] > 0]
@@ -259,8 +270,9 @@ def test_unknown_train_mode_is_an_error(tiny):
         create_dataset(config)
 
 
-def test_sasrecap_refuses_a_dataset_without_targets(tiny):
-    config = Config(model="SASRecAP", config_dict=tiny[0])
+@PAIRS
+def test_a_dataset_without_targets_is_refused(tiny, ours_class, stock_class):
+    config = Config(model=ours_class.__name__, config_dict=tiny[0])
     train, _, _ = data_preparation(config, recbole_create_dataset(config))
-    with pytest.raises(RecBoleLLMError, match=r"needs the field 'item_id_target_list'"):
-        SASRecAP(config, train.dataset)
+    with pytest.raises(RecBoleLLMError, match=rf"{ours_class.__name__} .*needs the field 'item_id_target_list'"):
+        ours_class(config, train.dataset)

@@ -40,6 +40,56 @@ def _backbone_loss_type(config):
         config["loss_type"] = loss_type
 
 
+class AllPositions:
+    """A stock RecBole sequential model with the loss at every position of one sequence per user.
+
+    The backbone's parameters, initialisation and scores are untouched: ``forward`` is the backbone's, the
+    per-position ``encode(item_seq) -> [B, L, H]`` hook read at the last item, so a stock state dict loads as it is.
+    Only ``calculate_loss`` changes, and only with ``llm_train_mode: all_positions``:
+
+    - the encoder runs once over the user's sequence, and position p is scored against the next item
+      (``item_id_target_list``); padding positions (target 0) are left out;
+    - ``loss_type: CE``: cross-entropy over all items, the mean over the batch's non-padding positions;
+    - ``loss_type: BPR``: one negative per position, drawn here with torch's RNG uniformly from the items other
+      than padding and that position's target (RecBole's sampler also skips the target). The loader draws one
+      item per row only, for the last position, so its negatives (``train_neg_sample_args``) are not used; with a
+      ``sample_num`` above 1 it repeats each row, which then counts as that many negatives per position.
+
+    With ``llm_train_mode: prefix`` it trains exactly as the backbone.
+    """
+
+    llm_train_modes = ("prefix", "all_positions")
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.all_positions = config["llm_train_mode"] == "all_positions"
+        self.ITEM_TARGET_SEQ = target_list_field(config)
+        if self.all_positions and self.ITEM_TARGET_SEQ not in dataset.field2type:
+            raise RecBoleLLMError(
+                f"{type(self).__name__} with llm_train_mode 'all_positions' needs the field "
+                f"'{self.ITEM_TARGET_SEQ}'; build the dataset with recbole_llm.utils.create_dataset."
+            )
+
+    def forward(self, item_seq, item_seq_len):
+        """The backbone's forward: the output at each sequence's last item, [B H]."""
+        return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)
+
+    def calculate_loss(self, interaction):
+        if not self.all_positions:
+            return super().calculate_loss(interaction)
+        targets = interaction[self.ITEM_TARGET_SEQ]
+        supervised = targets > 0  # padding positions have no target
+        states = self.encode(interaction[self.ITEM_SEQ])[supervised]  # [N H], N = non-padding positions
+        positives = targets[supervised]
+        if self.loss_type == "BPR":
+            negatives = sample_negatives(positives, self.n_items)
+            pos_score = (states * self.item_embedding(positives)).sum(-1)
+            neg_score = (states * self.item_embedding(negatives)).sum(-1)
+            return self.loss_fct(pos_score, neg_score)
+        logits = states @ self.item_embedding.weight.T
+        return self.loss_fct(logits, positives)
+
+
 class DualLLM:
     """LLM-ESR's dual-view sequence model over a RecBole backbone.
 
