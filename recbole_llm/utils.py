@@ -20,6 +20,14 @@ class RecBoleLLMError(Exception):
     as one line, without a traceback."""
 
 
+def config_choice(config, key, allowed):
+    """``config[key]``, which must be one of ``allowed``: else an error naming the key and the allowed values."""
+    value = config[key]
+    if value not in allowed:
+        raise RecBoleLLMError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}.")
+    return value
+
+
 def recbole_time_order(times):
     """Indices that order ``times`` as RecBole orders interactions: a stable sort of the float32 values its
     Interaction holds, where timestamps a few seconds apart tie and keep file order."""

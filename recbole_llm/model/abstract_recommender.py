@@ -17,16 +17,9 @@ from torch import nn
 from recbole_llm.data.dataset import target_list_field
 from recbole_llm.model.layers import CrossViewAttention, llm_adapter, sample_negatives, soft_contrastive_loss
 from recbole_llm.text import item_vectors, pca_item_vectors, similar_users
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, config_choice
 
 LOSS_TYPES = ("CE", "BPR", "BCE")
-
-
-def _choice(config, key, allowed):
-    value = config[key]
-    if value not in allowed:
-        raise RecBoleLLMError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}, got {value!r}.")
-    return value
 
 
 @contextlib.contextmanager
@@ -108,7 +101,7 @@ class DualLLM:
     skip_flops = True
 
     def __init__(self, config, dataset):
-        self.rec_loss_type = _choice(config, "loss_type", LOSS_TYPES)
+        self.rec_loss_type = config_choice(config, "loss_type", LOSS_TYPES)
         with _backbone_loss_type(config):
             super().__init__(config, dataset)
         self.n_users = dataset.num(self.USER_ID)
@@ -138,7 +131,7 @@ class DualLLM:
         self.adapter.apply(self._init_weights)
 
     def _init_id_view(self, config, dataset):
-        init = _choice(config, "llmesr_id_init", ("pca", "random"))
+        init = config_choice(config, "llmesr_id_init", ("pca", "random"))
         if init == "pca":
             pca = pca_item_vectors(dataset, config, self.view_size)
             with torch.no_grad():
@@ -273,8 +266,8 @@ class LLMESR:
         super().__init__(config, dataset)
         self.distill = config["llmesr_distill"]
         self.alpha = config["llmesr_alpha"]
-        self.user_sim_func = _choice(config, "llmesr_user_sim_func", ("kd", "cl"))
-        self.teacher_mode = _choice(config, "llmesr_teacher", ("batch", "epoch", "running"))
+        self.user_sim_func = config_choice(config, "llmesr_user_sim_func", ("kd", "cl"))
+        self.teacher_mode = config_choice(config, "llmesr_teacher", ("batch", "epoch", "running"))
         self.item_reg = config["llmesr_item_reg"]
         self.beta = config["llmesr_beta"]
         if self.item_reg and not (self.use_id_view and self.use_llm_view):

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 
 from recbole_llm.text.cache import FORMAT_VERSION, CacheEntry, cache_root
-from recbole_llm.text.encoders import _is_decoder_only, encoder_path
+from recbole_llm.text.encoders import is_decoder_only, encoder_path
 from recbole_llm.text.templates import clean_text, read_item_file
 from recbole_llm.utils import RecBoleLLMError
 
@@ -65,7 +65,7 @@ def item_token_table(texts, tokenizer, max_length, n_item_tokens):
 
 # --- the two LLMs -------------------------------------------------------------------------------------------------
 
-def load_llm(path, pretrained, num_layers, key):
+def load_base_llm(path, pretrained, num_layers, key):
     """A Hugging Face base model (no LM head) from folder ``path``: its weights when ``pretrained``, else its
     architecture randomly initialised; ``num_layers`` keeps the first layers only (~ = all)."""
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -106,11 +106,11 @@ def user_llm(config, item_dim):
                             config["MAX_ITEM_LIST_LENGTH"])
     else:
         path = encoder_path(config, "hllm_user_llm")
-        if not _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
+        if not is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
             raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must "
                                   f"be one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set "
                                   f"it ~.")
-        model = load_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
+        model = load_base_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
     model.get_input_embeddings().requires_grad_(False)
     return model
 
@@ -140,7 +140,7 @@ class ItemLLM(nn.Module):
         super().__init__()
         self.pooling = item_pooling(config)
         path = encoder_path(config, "hllm_item_llm")
-        self.llm = load_llm(path, config["hllm_item_llm_pretrained"], config["hllm_item_num_layers"], "hllm_item_llm")
+        self.llm = load_base_llm(path, config["hllm_item_llm_pretrained"], config["hllm_item_num_layers"], "hllm_item_llm")
         self.dim = self.llm.config.hidden_size
         n_item_tokens = int(self.pooling == "item")
         width = config["hllm_max_text_length"] + n_item_tokens

@@ -47,7 +47,7 @@ def encoder_path(config, key="llm_encoder"):
     return path
 
 
-def _is_decoder_only(model_config):
+def is_decoder_only(model_config):
     model_type = model_config.model_type
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -87,7 +87,7 @@ class TextEncoder:
         if pooling not in POOLINGS:
             raise RecBoleLLMError(f"llm_pooling '{pooling}' is unknown; use one of {', '.join(POOLINGS)}.")
         if pooling == "auto":
-            return "last" if _is_decoder_only(model_config) else "mean"
+            return "last" if is_decoder_only(model_config) else "mean"
         return pooling
 
     def _default_max_tokens(self, model_config):

@@ -19,8 +19,7 @@ import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
-from recbole_llm.model.abstract_recommender import _choice
-from recbole_llm.utils import RecBoleLLMError, get_model
+from recbole_llm.utils import RecBoleLLMError, config_choice, get_model
 
 SCHEDULES = ("linear", "constant")
 
@@ -110,7 +109,7 @@ class RecLoRATrainer(Trainer):
     def _schedule(self, total_steps):
         """``reclora_lr_schedule: linear``: the learning rate falls linearly to 0 over the run's steps, stepped after
         every optimizer step (the official HF Trainer's schedule, without warm-up)."""
-        schedule = _choice(self.config, "reclora_lr_schedule", SCHEDULES)
+        schedule = config_choice(self.config, "reclora_lr_schedule", SCHEDULES)
         if schedule == "linear":
             scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: max(0.0, 1 - step / total_steps))
             self.optimizer.register_step_post_hook(lambda *args: scheduler.step())

@@ -58,24 +58,23 @@ from recbole.utils import InputType, ModelType
 from torch import nn
 
 from recbole_llm.data.ctr import ANSWERS, CTRPrompts
-from recbole_llm.model.abstract_recommender import _choice
 from recbole_llm.model.layers import MetaLoRA, MetaLoRAGate
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, config_choice
 
 MODES = ("reclora", "origin")
 LOSSES = ("lm", "bce")
 PROMPT = "{prompt}"
 
 
-def load_llm(config):
+def load_frozen_scorer(config):
     """``(model, tokenizer, causal)``: the frozen LLM of ``reclora_llm``; ``causal`` for decoder-only models."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from recbole_llm.text.encoders import _is_decoder_only, encoder_path
+    from recbole_llm.text.encoders import is_decoder_only, encoder_path
 
     path = encoder_path(config, "reclora_llm")
-    causal = _is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True))
+    causal = is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True))
     model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, local_files_only=True)
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -139,12 +138,12 @@ class RecLoRA(AbstractRecommender):
     def __init__(self, config, dataset):
         super().__init__()
         self.LABEL = config["LABEL_FIELD"]
-        self.mode = _choice(config, "reclora_mode", MODES)
-        self.loss_type = _choice(config, "reclora_loss", LOSSES)
+        self.mode = config_choice(config, "reclora_mode", MODES)
+        self.loss_type = config_choice(config, "reclora_loss", LOSSES)
         self.dataset = dataset  # RecLoRATrainer builds the CRM on it
         self.prompts = CTRPrompts(dataset, config)
         self.wrap = chat_template(config)
-        self.llm, self.tokenizer, self.causal = load_llm(config)
+        self.llm, self.tokenizer, self.causal = load_frozen_scorer(config)
         self.answers = AnswerTokens(self.tokenizer, self.wrap)
         self.max_tokens = min(config["reclora_max_tokens"], self._position_limit())
         self.lora = self._lora_banks(config)
