@@ -175,3 +175,15 @@ def test_a_model_entry_carries_its_own_keys(compare):
     common, differing = compare.split_protocol(runs)
     assert differing["epochs"] == {"A": 2, "A@epochs=3": 3}
     assert list(compare.aggregate(runs)) == ["A", "A@epochs=3"]
+
+
+def test_prefix_and_all_positions_protocols_differ_only_in_the_sample_mode():
+    """results/ml-1m-half.md compares the two sample modes: nothing else in their presets may differ."""
+    import yaml
+
+    protocols = SCRIPT.parent / "protocols"
+    prefix, all_positions = (yaml.safe_load((protocols / name).read_text(encoding="utf-8"))
+                             for name in ("prefix.yaml", "all_positions.yaml"))
+    differing = {key for key in prefix.keys() | all_positions.keys() if prefix.get(key) != all_positions.get(key)}
+    assert differing == {"llm_train_mode", "train_batch_size"}
+    assert (prefix["llm_train_mode"], all_positions["llm_train_mode"]) == ("prefix", "all_positions")
