@@ -65,7 +65,7 @@ def prefix_states(stock, batch):
     return states
 
 
-# (a) the same network as RecBole's SASRec
+# (a) the same network as the stock RecBole model
 
 @PAIRS
 def test_same_parameters_and_initialisation_as_the_stock_model(tiny, ours_class, stock_class):

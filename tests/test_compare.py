@@ -177,7 +177,7 @@ def test_a_model_entry_carries_its_own_keys(compare):
     assert list(compare.aggregate(runs)) == ["A", "A@epochs=3"]
 
 
-def test_prefix_and_all_positions_protocols_differ_only_in_the_sample_mode():
+def test_prefix_and_all_positions_protocols_differ_only_in_the_sample_mode_and_its_batch():
     """results/ml-1m-half.md compares the two sample modes: nothing else in their presets may differ."""
     import yaml
 

@@ -7,7 +7,7 @@ from recbole_llm.model.abstract_recommender import AllPositions
 class GRU4RecAP(AllPositions, GRU4Rec):
     r"""RecBole's GRU4Rec network, unchanged, with the loss at every position of one sequence per user.
 
-    Reference: Yong Kug Tan et al. "Improved Recurrent Neural Networks for Session-based Recommendations." DLRS 2016
+    Reference: Yong Kiam Tan et al. "Improved Recurrent Neural Networks for Session-based Recommendations." DLRS 2016
     (RecBole's GRU4Rec). A GRU reads only earlier items, so the output at position p may predict item p + 1 without
     a mask. Parameters, initialisation and scores are RecBole's GRU4Rec's (a GRU4Rec state dict loads as it is);
     the loss over positions is ``AllPositions``'s. It is the backbone row next to ``LLMESR_GRU4Rec`` in the
