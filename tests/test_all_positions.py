@@ -1,5 +1,6 @@
-"""llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset, and SASRecAP and GRU4RecAP, its
-baselines: RecBole's SASRec and GRU4Rec with the loss at every position."""
+"""llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset, and SASRecAP, GRU4RecAP and
+BERT4RecAP, its baselines: RecBole's SASRec and GRU4Rec with the loss at every position, and BERT4Rec on the
+user's cloze rows (their masking: tests/test_cloze.py)."""
 from collections import defaultdict
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
+from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole.utils import init_seed
@@ -16,6 +18,7 @@ from recbole_llm.config import Config
 from recbole_llm.data.dataset import AllPositionsDataset
 from recbole_llm.model.layers import sample_negatives
 from recbole_llm.model import abstract_recommender
+from recbole_llm.model.sequential_recommender.bert4recap import BERT4RecAP
 from recbole_llm.model.sequential_recommender.gru4recap import GRU4RecAP
 from recbole_llm.model.sequential_recommender.sasrecap import SASRecAP
 from recbole_llm.quick_start import objective_function
@@ -23,8 +26,12 @@ from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
 
 TARGETS = "item_id_target_list"
 # (all-positions model, the stock RecBole model whose network it keeps)
-PAIRS = pytest.mark.parametrize("ours_class, stock_class", [(SASRecAP, SASRec), (GRU4RecAP, GRU4Rec)],
-                                ids=["SASRecAP", "GRU4RecAP"])
+PAIRS = pytest.mark.parametrize("ours_class, stock_class",
+                                [(SASRecAP, SASRec), (GRU4RecAP, GRU4Rec), (BERT4RecAP, BERT4Rec)],
+                                ids=["SASRecAP", "GRU4RecAP", "BERT4RecAP"])
+# the causal ones, whose loss is at every position
+CAUSAL_PAIRS = pytest.mark.parametrize("ours_class, stock_class", [(SASRecAP, SASRec), (GRU4RecAP, GRU4Rec)],
+                                       ids=["SASRecAP", "GRU4RecAP"])
 
 
 def prepare(tiny, model="SASRecAP", **overrides):
@@ -100,7 +107,7 @@ def test_prefix_mode_runs_exactly_as_the_stock_model(tiny, ours_class, stock_cla
 
 # (b) the causal mask
 
-@PAIRS
+@CAUSAL_PAIRS
 def test_an_item_changes_only_its_own_and_later_positions(tiny, ours_class, stock_class):
     config, train, _, _ = prepare(tiny, model=ours_class.__name__)
     ours, _ = both_models(config, train.dataset, ours_class, stock_class)
@@ -117,7 +124,7 @@ def test_an_item_changes_only_its_own_and_later_positions(tiny, ours_class, stoc
 
 # (c) the loss against hand computations, (d) padding
 
-@PAIRS
+@CAUSAL_PAIRS
 def test_ce_loss_is_the_mean_of_prefix_cross_entropies(tiny, ours_class, stock_class):
     config, train, _, _ = prepare(tiny, model=ours_class.__name__)
     ours, stock = both_models(config, train.dataset, ours_class, stock_class)

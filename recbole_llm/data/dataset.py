@@ -2,7 +2,8 @@
 
 - ``prefix`` (RecBole's default): every prefix of every user is a training sample, with the loss at its end.
 - ``all_positions``: one training sequence per user, with a target at every position; a model that supports the
-  mode puts the loss at every position under a causal mask. Validation and test are RecBole's in both modes.
+  mode puts the loss at every position under a causal mask (a BERT4Rec model, bidirectional, at the masked
+  positions of two cloze rows per user instead: ``model.layers.cloze_rows``). Validation and test are RecBole's in both modes.
 """
 import numpy as np
 import torch

@@ -67,20 +67,27 @@ class AllPositions:
         """The backbone's forward: the output at each sequence's last item, [B H]."""
         return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)
 
+    def supervised_states(self, interaction):
+        """``(states [N, H], targets [N])``: the output at each non-padding position and the next item there."""
+        targets = interaction[self.ITEM_TARGET_SEQ]
+        supervised = targets > 0  # padding positions have no target
+        return self.encode(interaction[self.ITEM_SEQ])[supervised], targets[supervised]
+
+    def item_bias(self, items):
+        """A per-item score offset (BERT4Rec's output bias); none for the other backbones."""
+        return 0.0
+
     def calculate_loss(self, interaction):
         if not self.all_positions:
             return super().calculate_loss(interaction)
-        targets = interaction[self.ITEM_TARGET_SEQ]
-        supervised = targets > 0  # padding positions have no target
-        states = self.encode(interaction[self.ITEM_SEQ])[supervised]  # [N H], N = non-padding positions
-        positives = targets[supervised]
+        states, positives = self.supervised_states(interaction)
+        items = self.item_embedding.weight[: self.n_items]  # BERT4Rec's table also holds the [MASK] row
         if self.loss_type == "BPR":
             negatives = sample_negatives(positives, self.n_items)
-            pos_score = (states * self.item_embedding(positives)).sum(-1)
-            neg_score = (states * self.item_embedding(negatives)).sum(-1)
+            pos_score = (states * items[positives]).sum(-1) + self.item_bias(positives)
+            neg_score = (states * items[negatives]).sum(-1) + self.item_bias(negatives)
             return self.loss_fct(pos_score, neg_score)
-        logits = states @ self.item_embedding.weight.T
-        return self.loss_fct(logits, positives)
+        return self.loss_fct(states @ items.T + self.item_bias(slice(None)), positives)
 
 
 class DualLLM:

@@ -1,5 +1,6 @@
 """Blocks shared by the recbole_llm models: the LLM adapter, dual-view cross-attention, negative sampling, the
-soft contrastive loss, and RecLoRA's gated meta-LoRA bank."""
+cloze rows of one-sequence-per-user BERT4Rec training, the soft contrastive loss, and RecLoRA's gated meta-LoRA
+bank."""
 import math
 
 import torch
@@ -57,6 +58,31 @@ def sample_negatives(positives, n_items):
     """One item per positive, uniform over the items 1..n_items-1 other than that positive ([PAD] = 0 never)."""
     draws = torch.randint(1, n_items - 1, positives.shape, device=positives.device)
     return draws + (draws >= positives).long()  # shifting past the positive skips it and stays uniform
+
+
+def append_item(item_seq, item_seq_len, items):
+    """``[B, L]``: each right-padded sequence with ``items`` written after its last item and its first item dropped,
+    the layout of BERT4Rec's ``reconstruct_test_data`` (which appends [MASK]); the appended item sits at
+    ``item_seq_len - 1``."""
+    extended = F.pad(item_seq, (0, 1))
+    extended[torch.arange(len(item_seq), device=item_seq.device), item_seq_len] = items
+    return extended[:, 1:]
+
+
+def cloze_rows(item_seq, item_seq_len, last_items, mask_token, mask_ratio):
+    """The masked-item rows of one training sequence per user, as LLM-ESR's official BERT4Rec dataset builds them.
+
+    The window is the user's training items up to ``last_items`` (laid out by ``append_item``, as at test time).
+    It is returned twice: first with each item replaced by ``mask_token`` with probability ``mask_ratio``, then
+    with only the last item masked (the official dataset's second half, which matches the test-time input).
+    Returns ``(inputs [2B, L], targets [2B, L])``; ``targets`` holds the masked items, 0 elsewhere.
+    """
+    window = append_item(item_seq, item_seq_len, last_items)
+    random_mask = (torch.rand(window.shape, device=window.device) < mask_ratio) & (window > 0)
+    last_mask = torch.zeros_like(random_mask)
+    last_mask[torch.arange(len(window), device=window.device), item_seq_len - 1] = True
+    windows, masks = window.repeat(2, 1), torch.cat([random_mask, last_mask])
+    return windows.masked_fill(masks, mask_token), windows * masks
 
 
 def soft_contrastive_loss(x, y, tau=1.0):

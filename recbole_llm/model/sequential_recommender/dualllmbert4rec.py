@@ -8,18 +8,22 @@ Config keys (properties/model/DualLLM.yaml, on top of RecBole's BERT4Rec.yaml): 
 ``llmesr_use_llm_view``, ``loss_type`` (CE, BPR or BCE), and the side-data keys ``llm_*``.
 
 Both tables keep a row for the [MASK] token (id ``n_items``): the ID table's is learnt, the LLM table's is zeros,
-as in the official code. Training uses RecBole's masked-item batches (``transform: mask_itemseq``), so only the
-prefix train mode applies: a bidirectional encoder must never see its own targets.
+as in the official code. ``llm_train_mode: all_positions`` (the default) trains as the official code: each user's
+training window gives two rows, one with random masks (``mask_ratio``) and one with only its last item masked
+(``layers.cloze_rows``), and the loss is taken at the masked positions; the user vector that self-distillation
+aligns is the last-masked row's output. ``prefix`` trains on RecBole's masked prefixes (``transform:
+mask_itemseq``). ``mask_ratio`` is BERT4Rec's 0.2, its paper's value for MovieLens (LLM-ESR's scripts use 0.6 on
+their sparser datasets), and masking uses [MASK] only, as RecBole does.
 """
 from recbole.model.sequential_recommender import BERT4Rec
 
 from recbole_llm.model.abstract_recommender import DualLLM, TransformerViews
+from recbole_llm.model.layers import cloze_rows
 
 
 class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
     """Dual-view (ID + LLM) BERT4Rec with an optional cross-view attention (see the module docstring)."""
 
-    llm_train_modes = ("prefix",)
     causal = False
 
     def _encode(self, view, item_seq):
@@ -28,17 +32,25 @@ class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
         return self.output_ln(self.output_gelu(self.output_ffn(hidden)))
 
     def forward(self, item_seq, item_seq_len):
-        # Append [MASK] after the last item (dropping the first if full) and read the features there.
+        # BERT4Rec's test layout: [MASK] appended after the last item, the first item dropped; read at the [MASK].
         return super().forward(self.reconstruct_test_data(item_seq, item_seq_len), item_seq_len)
 
     def item_bias(self, items):
         return self.output_bias[items]
 
     def _rec_outputs_and_targets(self, interaction):
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        if self.train_mode == "all_positions":
+            inputs, targets = cloze_rows(item_seq, item_seq_len, interaction[self.POS_ITEM_ID], self.mask_token,
+                                         self.mask_ratio)
+            features = self.sequence_features(inputs)
+            # The last-masked rows are forward()'s input for the user: their output at the [MASK] is the user vector.
+            users = self.gather_indexes(features[len(item_seq):], item_seq_len - 1)
+            masked = targets > 0
+            return features[masked], targets[masked], users
         masked_index = interaction[self.MASK_INDEX]  # [B, M]: positions of the masked items, 0 = unused slot
         features = self.sequence_features(interaction[self.MASK_ITEM_SEQ])
         outputs = features.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, features.size(-1)))
         targets = interaction[self.POS_ITEMS]
         valid = targets > 0
-        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return outputs[valid], targets[valid], users
+        return outputs[valid], targets[valid], self.forward(item_seq, item_seq_len)
