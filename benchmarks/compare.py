@@ -125,7 +125,8 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
         "groups": groups.describe() if groups is not None else None,
         "group_rows": dict(trainer.evaluator.row_counts) if groups is not None else None,  # of the test evaluation
         "dataset": stats["dataset"], "protocol": protocol,
-        "env": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "env": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
                 "torch": torch.__version__, "recbole": recbole.__version__, "device": str(config["device"]),
                 "gpu": torch.cuda.get_device_name(config["device"]) if cuda else None},
     }
@@ -343,7 +344,8 @@ def render_section(args, command, runs, now=None):
     common, differing = split_protocol(runs)
     valid_metric = common.get("valid_metric") or next(iter(differing.get("valid_metric", {}).values()), "")
     now = now or datetime.datetime.now().astimezone()
-    machine = (f"{env['platform']}, {env['cpus']} CPUs, python {env.get('python', '?')}, torch {env['torch']}, "
+    threads = f" ({env['threads']} torch threads)" if env.get("threads") else ""
+    machine = (f"{env['platform']}, {env['cpus']} CPUs{threads}, python {env.get('python', '?')}, torch {env['torch']}, "
                f"recbole {env.get('recbole', '?')}, device {env['device']}"
                + (f" ({env['gpu']})" if env.get("gpu") else ""))
     out = [f"## {', '.join(models)} on {args.dataset}, seeds {args.seeds}", "",
