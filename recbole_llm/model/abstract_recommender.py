@@ -41,7 +41,8 @@ class AllPositions:
     Only ``calculate_loss`` changes, and only with ``llm_train_mode: all_positions``:
 
     - the encoder runs once over the user's sequence, and position p is scored against the next item
-      (``item_id_target_list``); padding positions (target 0) are left out;
+      (``item_id_target_list``); padding positions (target 0) are left out. A backbone that is not causal replaces
+      ``supervised_states`` (BERT4RecAP: the masked positions of the user's cloze rows) and adds ``item_bias``;
     - ``loss_type: CE``: cross-entropy over all items, the mean over the batch's non-padding positions;
     - ``loss_type: BPR``: one negative per position, drawn here with torch's RNG uniformly from the items other
       than padding and that position's target (RecBole's sampler also skips the target). The loader draws one
