@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_python, tiny_config, write_tiny_dataset, write_yaml
+from conftest import run_python, tiny_config, write_tiny_dataset
 from recbole_llm import utils
 from recbole_llm.config import Config
 from recbole_llm.quick_start import load_data_and_model, run

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_python, write_yaml
+from conftest import run_python
 from recbole_llm.quick_start import load_data_and_model, run
 from recbole_llm.recommend import recommend, user_history
 from recbole_llm.utils import create_dataset
