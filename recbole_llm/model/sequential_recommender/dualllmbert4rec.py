@@ -18,7 +18,7 @@ their sparser datasets), and masking uses [MASK] only, as RecBole does.
 from recbole.model.sequential_recommender import BERT4Rec
 
 from recbole_llm.model.abstract_recommender import DualLLM, TransformerViews
-from recbole_llm.model.layers import cloze_rows
+from recbole_llm.model.layers import append_item, cloze_rows
 
 
 class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
@@ -33,7 +33,7 @@ class DualLLMBert4Rec(TransformerViews, DualLLM, BERT4Rec):
 
     def forward(self, item_seq, item_seq_len):
         # BERT4Rec's test layout: [MASK] appended after the last item, the first item dropped; read at the [MASK].
-        return super().forward(self.reconstruct_test_data(item_seq, item_seq_len), item_seq_len)
+        return super().forward(append_item(item_seq, item_seq_len, self.mask_token), item_seq_len)
 
     def item_bias(self, items):
         return self.output_bias[items]
