@@ -10,7 +10,9 @@ Every (model, seed) runs in its own process (``--worker``, hidden), through recb
 (``quick_start.run``), with the same config files and ``--key=value`` arguments plus ``--seed=<seed>``; each model's
 own defaults come from the property files as usual. The parent aggregates mean ± std over the seeds and writes
 ``results/<dataset>.md`` (``--out`` overrides; the file is overwritten unless ``--append`` adds a section).
-A failed run is reported with its last error line and the others go on.
+Before any run, every entry's Config is built once (``--check``, hidden), so that an unknown model or key, or a value
+of the wrong type, stops the harness at once. A run that fails later is reported with its last error line and the
+others go on.
 """
 import argparse
 import datetime
@@ -143,7 +145,38 @@ def worker_main(argv):
     print(MARKER + json.dumps(summary, default=str), flush=True)
 
 
+def check_main(argv):
+    """``--check <json>``: build each entry's Config, nothing more, and print one line per entry that fails."""
+    from recbole_llm.config import Config
+
+    spec = json.loads(argv[0])
+    failures = []
+    for entry in spec["models"]:
+        model, overrides = split_variant(entry)
+        sys.argv = [sys.argv[0], *_with_overrides(spec["extra"], overrides)]  # RecBole reads its keys from argv
+        try:
+            Config(model=model, dataset=spec["dataset"], config_file_list=spec["config_files"])
+        except Exception as error:  # whatever stops this entry's config stops its runs: report it, run nothing
+            failures.append(f"--models entry {entry!r}: {error}")
+    print("\n".join(failures))
+    return 1 if failures else 0
+
+
 # ---------------------------------------------------------------- parent: run the workers, aggregate, report
+
+def check_entries(models, dataset, config_files, extra):
+    """The lines saying why an entry's config cannot be built (unknown model or key, wrong type), before any run.
+
+    One process builds every entry's Config, so a typo in the last ablation row fails in seconds, not hours in.
+    """
+    spec = {"models": models, "dataset": dataset, "extra": extra,
+            "config_files": config_files.split() if config_files else None}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--check", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if done.returncode == 0:
+        return []
+    return [line for line in done.stdout.splitlines() if line.strip()] or [last_error_line(done.returncode, done.stderr)]
+
 
 def split_variant(entry):
     """``'M@k=v@k2=v2'`` -> ``('M', ['--k=v', '--k2=v2'])``: a --models entry and the keys of that row only."""
@@ -433,9 +466,15 @@ def parse_args(argv):
 def main(argv):
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
+    if argv[:1] == ["--check"]:
+        return check_main(argv[1:])
     args = parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    problems = check_entries(models, args.dataset, args.config_files, args.extra)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
     runs = run_all(models, seeds, args.dataset, args.config_files, args.extra, args.keep_checkpoints)
     section = render_section(args, shlex.join(["python", "benchmarks/compare.py", *argv]), runs)
     print("\n" + section)

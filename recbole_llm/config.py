@@ -1,4 +1,5 @@
 """Config: RecBole's Config with the plugin's model lookup, YAML layering, type checks and CPU DDP."""
+import difflib
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ def properties_dir():
 
 # `key: value  # (type) meaning`, the convention of RecBole's and our property files.
 _DECLARED_TYPE = re.compile(r"^([A-Za-z_][\w]*)\s*:.*#\s*\(([^)]*)\)")
+# The plugin's key families; RecBole owns every other key.
+PLUGIN_KEY_PREFIXES = ("llm_", "llmesr_", "hllm_", "reclora_", "slmrec_")
 _TYPE_CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -130,8 +133,26 @@ class Config(RecBoleConfig):
             self.internal_config_dict["train_neg_sample_args"] = None
 
     def _get_final_config_dict(self):
+        self._check_plugin_keys_exist()
         self._check_external_types()
         return super()._get_final_config_dict()
+
+    def _check_plugin_keys_exist(self):
+        """A plugin key from the command line or config_dict must be one the model's property files declare.
+
+        RecBole takes any key, so a misspelt or another model's ``llmesr_...`` would otherwise change nothing and say
+        nothing. Config files are not checked: a protocol file is shared by several models, each reading its own keys.
+        """
+        for source, values in (("config_dict", self.variable_config_dict), ("command line", self.cmd_config_dict)):
+            for key in values:
+                if key.startswith(PLUGIN_KEY_PREFIXES) and key not in self.internal_config_dict:
+                    raise RecBoleLLMError(f"config key '{key}' from the {source} is not a key of {self.model}"
+                                          f"{self._closest_key_hint(key)}; check its spelling, or drop it for this model.")
+
+    def _closest_key_hint(self, key):
+        known = [k for k in self.internal_config_dict if k.startswith(PLUGIN_KEY_PREFIXES)]
+        close = difflib.get_close_matches(key, known, n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
 
     def _check_external_types(self):
         sources = (("config file", self.file_config_dict), ("config_dict", self.variable_config_dict),

@@ -177,6 +177,18 @@ def test_a_model_entry_carries_its_own_keys(compare):
     assert list(compare.aggregate(runs)) == ["A", "A@epochs=3"]
 
 
+def test_bad_entries_are_reported_before_any_run(compare):
+    """Every entry's Config is built up front: a misspelt key or model is named with its entry, a good one passes."""
+    problems = compare.check_entries(["SASRecAP", "LLMESR_SASRec@llmesr_distil=False", "SASRc"], "ml-100k", None,
+                                     ["--epochs=1"])
+    assert len(problems) == 2
+    assert problems[0].startswith("--models entry 'LLMESR_SASRec@llmesr_distil=False': config key 'llmesr_distil'")
+    assert "did you mean 'llmesr_distill'" in problems[0]
+    assert problems[1].startswith("--models entry 'SASRc': unknown model 'SASRc'")
+    assert compare.check_entries(["SASRecAP@epochs=2"], "ml-100k", None, ["--epochs=1"]) == []
+    assert compare.main(["--dataset", "ml-100k", "--models", "SASRc", "--seeds", "1", "--out", "unused.md"]) == 2
+
+
 def test_prefix_and_all_positions_protocols_differ_only_in_the_sample_mode_and_its_batch():
     """results/ml-1m-half.md compares the two sample modes: nothing else in their presets may differ."""
     import yaml

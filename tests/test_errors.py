@@ -1,4 +1,5 @@
 """Bad input gets one clear line naming the file or key and the fix, never a traceback or a hang."""
+import re
 import time
 
 import pytest
@@ -61,6 +62,25 @@ def test_values_of_right_type_pass():
     config = Config(model="SASRec", dataset="ml-100k",
                     config_dict={"epochs": 3, "learning_rate": 1, "topk": 10, "metrics": "NDCG", "gpu_id": 0})
     assert config["learning_rate"] == 1 and config["topk"] == [10]
+
+
+@pytest.mark.parametrize("model, key, hint", [
+    ("LLMESR_SASRec", "llmesr_distil", " (did you mean 'llmesr_distill'?)"),  # a typo
+    ("SASRecAP", "llmesr_distill", ""),  # LLM-ESR's key on a model that has no such switch
+])
+def test_plugin_key_the_model_does_not_declare_names_key(model, key, hint):
+    """RecBole would take any key and ignore it; a plugin key that changes nothing is an error instead."""
+    message = f"config key '{key}' from the config_dict is not a key of {model}{hint};"
+    with pytest.raises(RecBoleLLMError, match=re.escape(message)):
+        Config(model=model, dataset="ml-100k", config_dict={key: False})
+
+
+def test_plugin_key_of_another_model_in_a_shared_config_file_is_accepted(tmp_path):
+    """A protocol file serves several models, each reading its own keys, so files are not checked."""
+    shared = tmp_path / "protocol.yaml"
+    shared.write_text("llmesr_distill: false\n", encoding="utf-8")
+    config = Config(model="SASRecAP", dataset="ml-100k", config_file_list=[str(shared)])
+    assert config["llmesr_distill"] is False
 
 
 def test_wrong_type_from_command_line_through_launcher():

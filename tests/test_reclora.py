@@ -66,7 +66,7 @@ def ctr_config(root, **overrides):
         "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"],
                      "user": ["user_id", "age", "gender", "occupation", "zip_code"],
                      "item": ["item_id", "movie_title", "release_year", "genre"]},
-        "reclora_crm_hist_len": 8, "embedding_size": 8, "mlp_hidden_size": [16, 8], "reclora_crm_dim": 8,
+        "reclora_crm_hist_len": 8, "embedding_size": 8, "mlp_hidden_size": [16, 8],
         "epochs": 1, "state": "ERROR", "show_progress": False, "use_gpu": False, "seed": 2020,
         "reproducibility": True, "train_batch_size": 4, "eval_batch_size": 8,
     }
@@ -109,7 +109,7 @@ def crm_file(root):
 
 def reclora_config(root, llm="llama", **overrides):
     values = dict(model="RecLoRA", reclora_llm=str(root / llm), reclora_crm_checkpoint=crm_file(root),
-                  reclora_llm_hist_len=3, reclora_n_meta=4, reclora_train_samples=10)
+                  reclora_llm_hist_len=3, reclora_n_meta=4, reclora_train_samples=10, reclora_crm_dim=8)
     return ctr_config(root, **{**values, **overrides})
 
 
@@ -157,13 +157,13 @@ def test_ctr_samples_order_and_split(root):
 
 
 def test_prompt_is_byte_exact(root):
-    config, train, valid, test = build(ctr_config(root, model="DIN", reclora_history="recent",
+    config, train, valid, test = build(ctr_config(root, model="RecLoRA", reclora_history="recent",
                                                   reclora_llm_hist_len=3))
     assert CTRPrompts(test, config).render(test.inter_feat[1:2]) == [EXPECTED_PROMPT]
 
 
 def test_retrieved_history_keeps_history_order(root):
-    config, train, valid, test = build(ctr_config(root, model="DIN", reclora_history="recent",
+    config, train, valid, test = build(ctr_config(root, model="RecLoRA", reclora_history="recent",
                                                   reclora_llm_hist_len=2))
     prompts = CTRPrompts(test, config)
     prompts.mode, prompts.vectors = "retrieved", torch.eye(test.item_num).numpy()
