@@ -143,7 +143,7 @@ class Config(RecBoleConfig):
         RecBole takes any key, so a misspelt or another model's ``llmesr_...`` would otherwise change nothing and say
         nothing. Config files are not checked: a protocol file is shared by several models, each reading its own keys.
         """
-        for source, values in (("config_dict", self.variable_config_dict), ("command line", self.cmd_config_dict)):
+        for source, values in self._external_sources()[1:]:  # all but the config files
             for key in values:
                 if key.startswith(PLUGIN_KEY_PREFIXES) and key not in self.internal_config_dict:
                     raise RecBoleLLMError(f"config key '{key}' from the {source} is not a key of {self.model}"
@@ -154,10 +154,13 @@ class Config(RecBoleConfig):
         close = difflib.get_close_matches(key, known, n=1)
         return f" (did you mean '{close[0]}'?)" if close else ""
 
+    def _external_sources(self):
+        """``(name, values)`` of the user's key sources, in the order a later one wins."""
+        return (("config file", self.file_config_dict), ("config_dict", self.variable_config_dict),
+                ("command line", self.cmd_config_dict))
+
     def _check_external_types(self):
-        sources = (("config file", self.file_config_dict), ("config_dict", self.variable_config_dict),
-                   ("command line", self.cmd_config_dict))
-        for source, values in sources:
+        for source, values in self._external_sources():
             for key, value in values.items():
                 expected = self.key_types.get(key)
                 if value is None or not expected or any(_TYPE_CHECKS[t](value) for t in expected):
