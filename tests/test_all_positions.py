@@ -17,7 +17,7 @@ from recbole.utils import init_seed
 from recbole_llm.config import Config
 from recbole_llm.data.dataset import AllPositionsDataset
 from recbole_llm.model.layers import sample_negatives
-from recbole_llm.model import abstract_recommender
+from recbole_llm.model import all_positions
 from recbole_llm.model.sequential_recommender.bert4recap import BERT4RecAP
 from recbole_llm.model.sequential_recommender.gru4recap import GRU4RecAP
 from recbole_llm.model.sequential_recommender.sasrecap import SASRecAP
@@ -141,7 +141,7 @@ def test_bpr_loss_uses_one_negative_per_position(tiny, monkeypatch):
     config, train, _, _ = prepare(tiny, loss_type="BPR")
     ours, stock = both_models(config, train.dataset)
     drawn = []
-    monkeypatch.setattr(abstract_recommender, "sample_negatives",
+    monkeypatch.setattr(all_positions, "sample_negatives",
                         lambda positives, n_items: drawn.append(sample_negatives(positives, n_items)) or drawn[-1])
     batch = hand_batch()
     targets = batch[TARGETS][batch[TARGETS] > 0]

@@ -84,7 +84,7 @@ def test_bert4recap_bpr_adds_the_output_bias(data_dir, monkeypatch):
         model.output_bias.copy_(torch.randn_like(model.output_bias))
     batch = next(iter(train))
     negatives = torch.randint(1, model.n_items, batch["item_id"].shape)
-    monkeypatch.setattr("recbole_llm.model.abstract_recommender.sample_negatives", lambda positives, n: negatives)
+    monkeypatch.setattr("recbole_llm.model.all_positions.sample_negatives", lambda positives, n: negatives)
     with torch.no_grad():
         scores = model.full_sort_predict(batch)
         rows = torch.arange(len(scores))

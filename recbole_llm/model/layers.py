@@ -54,6 +54,18 @@ class CrossViewAttention(nn.Module):
         return self.output(attended.transpose(1, 2).reshape(batch, length, -1))
 
 
+def per_row_user_vectors(encode, item_seq, item_seq_len):
+    """``encode(item_seq, item_seq_len) -> [U, D]`` run once per distinct history, returned per row ``[N, D]``.
+
+    RecBole's sampled evaluation (``uniN``) hands a sequential model one row per candidate, the user's history
+    repeated in each, so encoding every row would encode each history N + 1 times. Rows are grouped by their exact
+    (sequence, length), so a user with several evaluation rows of different histories is encoded once per history.
+    """
+    keys = torch.cat([item_seq, item_seq_len.unsqueeze(1)], dim=1)
+    distinct, rows = torch.unique(keys, dim=0, return_inverse=True)
+    return encode(distinct[:, :-1], distinct[:, -1])[rows]
+
+
 def sample_negatives(positives, n_items):
     """One item per positive, uniform over the items 1..n_items-1 other than that positive ([PAD] = 0 never)."""
     draws = torch.randint(1, n_items - 1, positives.shape, device=positives.device)

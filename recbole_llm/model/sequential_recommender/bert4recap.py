@@ -4,8 +4,8 @@ from recbole.model.loss import BPRLoss
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from torch import nn
 
-from recbole_llm.model.abstract_recommender import AllPositions
-from recbole_llm.model.layers import cloze_rows
+from recbole_llm.model.all_positions import AllPositions
+from recbole_llm.model.layers import append_item, cloze_rows
 
 
 class BERT4RecAP(AllPositions, BERT4Rec):
@@ -36,6 +36,10 @@ class BERT4RecAP(AllPositions, BERT4Rec):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()  # BERT4Rec inlines its own
+
+    def user_vectors(self, item_seq, item_seq_len):
+        """The output at the [MASK] appended after the last item: BERT4Rec's ``predict`` input, [B H]."""
+        return self.gather_indexes(self.forward(append_item(item_seq, item_seq_len, self.mask_token)), item_seq_len - 1)
 
     def supervised_states(self, interaction):
         """``(states [N, H], targets [N])``: the output at each masked position of the user's cloze rows."""

@@ -17,7 +17,7 @@ their sparser datasets), and masking uses [MASK] only, as RecBole does.
 """
 from recbole.model.sequential_recommender import BERT4Rec
 
-from recbole_llm.model.abstract_recommender import DualLLM, TransformerViews
+from recbole_llm.model.llmesr import DualLLM, TransformerViews
 from recbole_llm.model.layers import append_item, cloze_rows
 
 

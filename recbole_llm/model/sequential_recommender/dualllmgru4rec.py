@@ -13,7 +13,7 @@ trains on the last position only; ``llm_train_mode: all_positions`` puts the los
 """
 from recbole.model.sequential_recommender import GRU4Rec
 
-from recbole_llm.model.abstract_recommender import DualLLM
+from recbole_llm.model.llmesr import DualLLM
 
 
 class DualLLMGRU4Rec(DualLLM, GRU4Rec):

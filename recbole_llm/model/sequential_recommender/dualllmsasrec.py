@@ -16,7 +16,7 @@ Deviations from the official code, kept so that the stock SASRec and this model 
 """
 from recbole.model.sequential_recommender import SASRec
 
-from recbole_llm.model.abstract_recommender import DualLLM, TransformerViews
+from recbole_llm.model.llmesr import DualLLM, TransformerViews
 
 
 class DualLLMSASRec(TransformerViews, DualLLM, SASRec):

@@ -1,7 +1,7 @@
 """GRU4RecAP: RecBole's GRU4Rec with the loss at all positions, the GRU baseline of ``llm_train_mode: all_positions``."""
 from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 
-from recbole_llm.model.abstract_recommender import AllPositions
+from recbole_llm.model.all_positions import AllPositions
 
 
 class GRU4RecAP(AllPositions, GRU4Rec):

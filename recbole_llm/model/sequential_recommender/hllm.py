@@ -15,7 +15,7 @@ from recbole_llm.data.dataset import target_list_field
 from recbole_llm.model.hllm_layers import (ItemLLM, LateFusionHead, autocast, clamp_logit_scale, configure_llm,
                                            frozen_item_table, gather_negatives, head_choice, nce_loss, uniform_items,
                                            user_llm)
-from recbole_llm.model.layers import sample_negatives
+from recbole_llm.model.layers import per_row_user_vectors, sample_negatives
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -170,7 +170,7 @@ class HLLM(SequentialRecommender):
 
     # --- scoring ------------------------------------------------------------------------------------------------
     def predict(self, interaction):
-        users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        users = per_row_user_vectors(self.forward, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         items = self.all_item_vectors()[interaction[self.ITEM_ID]]
         return self.fusion(users, items) if self.late_fusion else F.cosine_similarity(users, items, dim=-1)
 

@@ -8,7 +8,7 @@ Config keys: those of DualLLMBert4Rec, plus (properties/model/LLMESR.yaml) llmes
 llmesr_user_sim_func (kd or cl), llmesr_alpha, llmesr_teacher (batch, epoch or running), llmesr_item_reg
 and llmesr_beta. The similar users come from the side-data cache (llm_similar_users kept per user).
 """
-from recbole_llm.model.abstract_recommender import LLMESR
+from recbole_llm.model.llmesr import LLMESR
 from recbole_llm.model.sequential_recommender.dualllmbert4rec import DualLLMBert4Rec
 
 

@@ -2,7 +2,7 @@
 import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_llm.model.abstract_recommender import AllPositions
+from recbole_llm.model.all_positions import AllPositions
 
 
 class SASRecAP(AllPositions, SASRec):

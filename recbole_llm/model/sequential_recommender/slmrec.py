@@ -16,6 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_llm.model.layers import per_row_user_vectors
 from recbole_llm.text.encoders import encoder_path
 from recbole_llm.utils import RecBoleLLMError
 
@@ -142,13 +143,9 @@ class SLMRec(SequentialRecommender):
         return self.rec_loss(final_state, interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):
-        """Scores of ``interaction``'s (sequence, item) rows. Consecutive rows with the same sequence (``uni*``
-        evaluation: a user's target and its negatives) share one LLM pass."""
-        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        first = torch.ones(len(item_seq), dtype=torch.bool, device=item_seq.device)
-        first[1:] = (item_seq[1:] != item_seq[:-1]).any(1)
-        block = torch.cumsum(first.long(), 0) - 1
-        vectors = self.forward(item_seq[first], item_seq_len[first])[block]
+        """Scores of ``interaction``'s (sequence, item) rows; each distinct sequence gets one LLM pass (``uni*``
+        evaluation repeats a user's history in the rows of its target and its negatives)."""
+        vectors = per_row_user_vectors(self.forward, interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return (vectors * self.item_table(interaction[self.ITEM_ID])).sum(-1)
 
     def full_sort_predict(self, interaction):
