@@ -26,6 +26,8 @@ def properties_dir():
 _DECLARED_TYPE = re.compile(r"^([A-Za-z_][\w]*)\s*:.*#\s*\(([^)]*)\)")
 # The plugin's key families; RecBole owns every other key.
 PLUGIN_KEY_PREFIXES = ("llm_", "llmesr_", "hllm_", "reclora_", "slmrec_")
+# Keys that name a preset of a model family's switches in properties/setting/<family>_<value>.yaml.
+SETTING_KEYS = ("llmesr_setting",)
 _TYPE_CHECKS = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -113,11 +115,31 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        files = [props / "overall.yaml", *_model_yaml_files(model_class, props), props / "dataset" / f"{dataset}.yaml"]
-        for file in files:
+        for file in [props / "overall.yaml", *_model_yaml_files(model_class, props)]:
+            if file.is_file():
+                self._update_internal_config_dict(str(file))
+        for file in [*self._setting_files(props), props / "dataset" / f"{dataset}.yaml"]:
             if file.is_file():
                 self._update_internal_config_dict(str(file))
         self._drop_negatives_for_ce(model_class)
+
+    def _setting_files(self, props):
+        """The preset of each ``<family>_setting`` key the model declares (``llmesr_setting: faithful`` ->
+        ``properties/setting/llmesr_faithful.yaml``), layered over the model's defaults and under the user's keys;
+        the value ``default`` adds none."""
+        files = []
+        for key in [k for k in self.internal_config_dict if k in SETTING_KEYS]:
+            value = self.external_config_dict.get(key, self.internal_config_dict[key])
+            if value == "default":
+                continue
+            family = key[: -len("_setting")]
+            file = props / "setting" / f"{family}_{value}.yaml"
+            if not file.is_file():
+                known = sorted(f.stem[len(family) + 1:] for f in (props / "setting").glob(f"{family}_*.yaml"))
+                raise RecBoleLLMError(f"config key '{key}' is '{value}', which is no setting of {self.model}; "
+                                      f"use one of {['default', *known]}.")
+            files.append(file)
+        return files
 
     def _drop_negatives_for_ce(self, model_class):
         """Sequential models with CE loss train on all items: no negative sampling unless the user asks for it.

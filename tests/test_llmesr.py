@@ -10,7 +10,7 @@ from conftest import tiny_config, write_tiny_dataset
 from recbole_llm.config import Config
 from recbole_llm.model.layers import soft_contrastive_loss
 from recbole_llm.text import item_vectors, pca_item_vectors
-from recbole_llm.utils import create_dataset, get_model
+from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model
 
 ITEM_COLUMNS = {"inter": ["user_id", "item_id", "rating", "timestamp"],
                 "item": ["item_id", "movie_title", "release_year", "class"]}
@@ -227,3 +227,99 @@ def test_no_position_reads_a_later_item(data_dir, model):
     after = net.sequence_features(seq)
     assert torch.allclose(before[:, :6], after[:, :6], atol=1e-6)
     assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+# --- the switches beyond the official model (each off in the faithful setting) -----------------------------------
+
+def _raw_views(net, seq):
+    """The two views as they enter the cross-attention (eval mode: no dropout)."""
+    return (net._view_input(net.item_embedding(seq), seq),
+            net._view_input(net.adapter(net.llm_item_embedding(seq)), seq))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_cross_residual_adds_each_view_to_its_cross_attention(data_dir, norm):
+    net, batch, *_ = build(data_dir, llmesr_cross_residual=True, llmesr_cross_norm=norm)
+    net.eval()
+    seq = batch[net.ITEM_SEQ][:4]
+    id_view, llm_view = _raw_views(net, seq)
+    id_hand = net.llm_to_id(llm_view, id_view, seq, causal=True) + id_view
+    llm_hand = net.id_to_llm(id_view, llm_view, seq, causal=True) + llm_view
+    if norm:
+        id_hand, llm_hand = (F.layer_norm(x, (net.view_size,), net.cross_norm.weight, net.cross_norm.bias, 1e-12)
+                             for x in (id_hand, llm_hand))
+    id_out, llm_out = net._view_inputs(seq)
+    assert torch.allclose(id_out, id_hand, atol=1e-6) and torch.allclose(llm_out, llm_hand, atol=1e-6)
+
+
+def test_faithful_cross_attention_replaces_the_views(data_dir):
+    net, batch, *_ = build(data_dir)
+    net.eval()
+    seq = batch[net.ITEM_SEQ][:4]
+    id_view, llm_view = _raw_views(net, seq)
+    id_out, _ = net._view_inputs(seq)
+    assert torch.allclose(id_out, net.llm_to_id(llm_view, id_view, seq, causal=True), atol=1e-6)
+    assert isinstance(net.cross_norm, torch.nn.Identity)
+    assert not any("cross_norm" in name for name in net.state_dict())  # faithful checkpoints keep their keys
+
+
+def test_cross_norm_gets_gradient(data_dir):
+    net, batch, *_ = build(data_dir, llmesr_cross_residual=True, llmesr_cross_norm=True)
+    total_loss(net, batch).backward()
+    assert net.cross_norm.weight.grad.abs().sum() > 0 and net.cross_norm.bias.grad.abs().sum() > 0
+
+
+def test_xavier_init_of_the_added_layers_keeps_pytorch_biases(data_dir):
+    backbone, *_ = build(data_dir)
+    xavier, *_ = build(data_dir, hidden_size=64, inner_size=64, llmesr_init="xavier")
+    first = xavier.adapter[0]
+    expected_std = math.sqrt(2.0 / (first.in_features + first.out_features))
+    assert first.weight.std().item() == pytest.approx(expected_std, rel=0.05)
+    assert xavier.llm_to_id.query.weight.std().item() == pytest.approx(math.sqrt(2.0 / 128), rel=0.05)
+    assert xavier.llm_to_id.output.bias.abs().sum() > 0  # PyTorch's uniform bias init, as in the official code
+    assert backbone.llm_to_id.output.bias.abs().sum() == 0  # RecBole's _init_weights zeroes biases
+    assert backbone.adapter[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_llm_score_weight_scales_only_the_semantic_dot_product(data_dir):
+    plain, batch, *_ = build(data_dir)
+    weighted, *_ = build(data_dir, llmesr_llm_score_weight=2.5)
+    weighted.load_state_dict(plain.state_dict())
+    plain.eval(), weighted.eval()
+    width = plain.view_size
+    users = plain.forward(batch[plain.ITEM_SEQ], batch[plain.ITEM_SEQ_LEN])
+    id_part = users[:, :width] @ plain.item_embedding.weight[: plain.n_items].T
+    llm_part = users[:, width:] @ plain.adapter(plain.llm_item_embedding.weight[: plain.n_items]).T
+    assert torch.allclose(weighted.full_sort_predict(batch), id_part + 2.5 * llm_part, atol=1e-5)
+    assert torch.allclose(plain.full_sort_predict(batch), id_part + llm_part, atol=1e-5)
+
+
+def test_item_profile_neighbours_are_the_nearest_mean_item_vectors(data_dir):
+    net, *_ = build(data_dir, llmesr_sim_user_source="items", llmesr_sim_user_num=3)
+    seqs = net.user_seq[1:]
+    profiles = net.llm_item_embedding(seqs).sum(1) / (seqs > 0).sum(1, keepdim=True)
+    cosine = F.normalize(profiles, dim=1) @ F.normalize(profiles, dim=1).T
+    cosine.fill_diagonal_(-2)
+    expected = cosine.topk(3, dim=1).indices + 1
+    assert torch.equal(net.similar_users[1:], expected)
+    assert (net.similar_users[1:] != torch.arange(1, net.n_users).unsqueeze(1)).all()  # never the user itself
+    text, *_ = build(data_dir, llmesr_sim_user_num=3)
+    assert not torch.equal(text.similar_users, net.similar_users)  # the official text neighbours differ
+
+
+def test_faithful_setting_restores_the_official_switches_under_the_users_keys(data_dir):
+    switches = ("llmesr_cross_residual", "llmesr_cross_norm", "llmesr_init", "llmesr_llm_score_weight",
+                "llmesr_sim_user_source")
+    official = {"llmesr_cross_residual": False, "llmesr_cross_norm": False, "llmesr_init": "backbone",
+                "llmesr_llm_score_weight": 1.0, "llmesr_sim_user_source": "text"}
+    faithful = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful"))
+    assert {key: faithful[key] for key in switches} == official
+    assert faithful["llmesr_cross_attention"] and faithful["llmesr_distill"]  # the paper's model keeps both
+    mixed = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful",
+                                                                  llmesr_cross_norm=True))
+    assert mixed["llmesr_cross_norm"] is True and mixed["llmesr_cross_residual"] is False
+
+
+def test_unknown_setting_names_the_known_ones(data_dir):
+    with pytest.raises(RecBoleLLMError, match=r"'llmesr_setting' is 'paper'.*\['default', 'faithful'\]"):
+        Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="paper"))

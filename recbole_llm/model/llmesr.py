@@ -45,6 +45,11 @@ class DualLLM:
       causal too: the official code's keys-only mask would let position t read its own target, the item at t + 1.
     - A user is ``[id features; semantic features]`` at the last position, an item ``[id_emb; adapter(llm_emb)]``.
     - Losses: RecBole's CE, BPR, or the paper's BCE; BPR and BCE draw one uniform negative per target in the model.
+
+    Switches beyond the paper, each off in ``llmesr_setting: faithful`` (``properties/setting/llmesr_faithful.yaml``):
+    ``llmesr_cross_residual`` adds each view's input to its cross-attention output instead of replacing it;
+    ``llmesr_cross_norm`` puts a LayerNorm after it; ``llmesr_llm_score_weight`` weights the semantic view's dot
+    product in the score; ``llmesr_init: xavier`` is the official init of the adapter and cross-attention.
     """
 
     llm_train_modes = ("prefix", "all_positions")
