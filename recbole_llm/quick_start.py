@@ -16,7 +16,7 @@ from recbole.utils import ModelType, get_environment, get_flops, get_local_time,
 from recbole_llm import compat
 from recbole_llm.config import Config
 from recbole_llm.evaluator import attach_group_metrics
-from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer
+from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer, read_checkpoint
 
 
 def run(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
@@ -150,23 +150,30 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     }
 
 
-def load_data_and_model(model_file):
+def _log_to_file_only():
+    """Drop the console handler ``init_logger`` gives the root logger and send warnings to the log: a command-line
+    tool then prints its answer or one error line, and the rest stays in the log file."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    logging.captureWarnings(True)
+
+
+def load_data_and_model(model_file, console_log=True):
     """Rebuild the config, dataset, loaders and model of a checkpoint saved by a recbole_llm or RecBole run.
 
-    Returns ``(config, model, dataset, train_data, valid_data, test_data)``, like RecBole's.
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)``, like RecBole's. With
+    ``console_log=False`` RecBole's log (the config dump included) and Python's warnings go to the log file only.
     """
-    if not os.path.isfile(model_file):
-        raise RecBoleLLMError(f"checkpoint '{model_file}' does not exist; pass the .pth file a run saved in checkpoint_dir.")
-    # Our own checkpoints pickle the Config, which torch >= 2.6 refuses by default.
-    checkpoint = torch.load(model_file, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise RecBoleLLMError(f"'{model_file}' is not a RecBole checkpoint (no 'config'/'state_dict'); "
-                              f"pass a .pth file saved by a training run.")
+    checkpoint = read_checkpoint(model_file)
     config = checkpoint["config"]
     if config["device"].type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
+    if not console_log:
+        _log_to_file_only()
     logger = getLogger()
     logger.info(config)
 

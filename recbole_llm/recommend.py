@@ -61,11 +61,13 @@ def recommend(model, history, topk, user_id=None):
         raise RecBoleLLMError(f"{model.__class__.__name__} is not sequential: pass --user, not --items.")
     else:
         interaction = Interaction({model.USER_ID: torch.tensor([user_id])})
+    if topk < 1:
+        raise RecBoleLLMError(f"--topk must be at least 1, got {topk}.")
     device = next(model.parameters()).device
     scores = model.full_sort_predict(interaction.to(device)).view(-1).cpu()
     scores[0] = -torch.inf  # [PAD]
     scores[history] = -torch.inf
-    top = torch.topk(scores, min(topk, len(scores)))
+    top = torch.topk(scores, min(topk, int(torch.isfinite(scores).sum())))  # never a seen item to fill the list
     return top.indices.tolist(), top.values.tolist()
 
 
@@ -96,20 +98,26 @@ def main(argv=None):
     from recbole_llm.utils import create_dataset
 
     try:
-        config, model, *_ = load_data_and_model(args.checkpoint)
+        config, model, *_ = load_data_and_model(args.checkpoint, console_log=False)
         dataset = create_dataset(config)  # unbuilt: every interaction, for the user's history
         user_id = None
         if args.user is not None:
             user_id = _internal_ids(dataset, dataset.uid_field, [args.user])[0]
             history = user_history(dataset, user_id)
         else:
-            history = _internal_ids(dataset, dataset.iid_field, [t.strip() for t in args.items.split(",") if t.strip()])
+            raw_items = [t.strip() for t in args.items.split(",") if t.strip()]
+            if not raw_items:
+                raise RecBoleLLMError("--items is empty; give raw item ids separated by commas, oldest first.")
+            history = _internal_ids(dataset, dataset.iid_field, raw_items)
         ids, scores = recommend(model, history, args.topk, user_id=user_id)
     except RecBoleLLMError as error:
         print(f"recommend: error: {error}", file=sys.stderr)
         return 2
+    if len(ids) < args.topk:
+        print(f"recommend: note: only {len(ids)} items are not in the history; listing them all "
+              f"(--topk {args.topk}).", file=sys.stderr)
     raw = dataset.field2id_token[dataset.iid_field]
-    print(f"top-{args.topk} of {config['model']} on {config['dataset']}:")
+    print(f"top-{len(ids)} of {config['model']} on {config['dataset']}:")
     for rank, (item, score) in enumerate(zip(ids, scores), 1):
         print(f"{rank:>3}  {raw[item]:>8}  {score:9.4f}  {item_title(dataset, item)}")
     return 0

@@ -20,6 +20,31 @@ class RecBoleLLMError(Exception):
     as one line, without a traceback."""
 
 
+def read_checkpoint(path, what="checkpoint", hint="pass the .pth file a training run saved in its checkpoint_dir"):
+    """The dict of a RecBole ``.pth`` (``config``, ``state_dict``, ...), or one ``RecBoleLLMError`` that names the
+    file and what is wrong with it: missing, truncated or not a torch file, or a torch file of something else.
+
+    ``what`` names the file's role in the message (``slmrec_teacher_checkpoint``, ...), ``hint`` the fix. Our own
+    checkpoints pickle the Config, which torch >= 2.6 refuses by default, hence ``weights_only=False``: load only
+    checkpoints you trust, as with any pickle.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise RecBoleLLMError(f"{what} '{path}' does not exist; {hint}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zips, foreign pickles and text files each fail differently
+        first_line = (str(error).splitlines() or [""])[0]
+        raise RecBoleLLMError(f"{what} '{path}' is not a readable torch file: it is truncated or of another kind "
+                              f"({type(error).__name__}: {first_line}); {hint}.") from None
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        kind = "a bare state dict" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise RecBoleLLMError(f"{what} '{path}' holds {kind}, not a RecBole checkpoint (no 'config' and "
+                              f"'state_dict'); {hint}.")
+    return checkpoint
+
+
 def config_choice(config, key, allowed):
     """``config[key]``, which must be one of ``allowed``: else an error naming the key and the allowed values."""
     value = config[key]

@@ -103,7 +103,7 @@ def test_checkpoint_of_another_model_is_refused(tiny):
 def test_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(RecBoleLLMError, match="is not a RecBole checkpoint"):
+    with pytest.raises(RecBoleLLMError, match="holds a bare state dict, not a RecBole checkpoint"):
         load_data_and_model(str(path))
 
 

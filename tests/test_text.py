@@ -210,12 +210,10 @@ def test_encoder_path_that_does_not_exist_names_path_and_fix(tmp_path):
 # ---- the cache and the remapping to internal ids ----
 
 def _rewrite_entry(entry, keep):
-    """Keep the rows ``keep`` (an index array, any order) of a cache entry, its metadata otherwise untouched."""
+    """Keep the rows ``keep`` (an index array, any order) of a cache entry, saved whole under the same key."""
     matrix, tokens = np.load(entry.matrix_file), entry.tokens_file.read_text(encoding="utf-8").split("\n")[:-1]
-    np.save(entry.matrix_file, matrix[keep])
-    entry.tokens_file.write_text("".join(f"{tokens[i]}\n" for i in keep), encoding="utf-8")
-    meta = json.loads(entry.meta_file.read_text(encoding="utf-8"))
-    entry.meta_file.write_text(json.dumps({**meta, "rows": len(keep)}), encoding="utf-8")
+    key = json.loads(entry.meta_file.read_text(encoding="utf-8"))["key"]
+    entry.save(key, matrix[keep], [tokens[i] for i in keep], 0.0)
 
 
 def test_item_vectors_follow_internal_ids_after_the_cache_rows_are_shuffled(tiny_text):

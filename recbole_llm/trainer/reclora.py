@@ -12,14 +12,13 @@
 - ``reclora_lr_schedule: linear`` decays the learning rate linearly to 0 over the run (the official schedule; the
   official run stops after the first of its 5 epochs, so its rate only falls to 80%).
 """
-import os
 import random
 
 import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
-from recbole_llm.utils import RecBoleLLMError, config_choice, get_model
+from recbole_llm.utils import RecBoleLLMError, config_choice, get_model, read_checkpoint
 
 SCHEDULES = ("linear", "constant")
 
@@ -37,12 +36,7 @@ def _crm_checkpoint(config):
             "--config_files=benchmarks/protocols/ctr_rella.yaml, and pass the .pth it saves")
     if not path:
         raise RecBoleLLMError(f"reclora_mode 'reclora' needs reclora_crm_checkpoint; {hint}.")
-    if not os.path.isfile(path):
-        raise RecBoleLLMError(f"reclora_crm_checkpoint '{path}' does not exist; {hint}.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
-        raise RecBoleLLMError(f"reclora_crm_checkpoint '{path}' is not a RecBole checkpoint; {hint}.")
-    return path, checkpoint
+    return path, read_checkpoint(path, "reclora_crm_checkpoint", hint)
 
 
 def _check_crm_config(path, crm_config, config):

@@ -17,7 +17,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_llm.model.sequential_recommender.slmrec import SLMRec, block_layers
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, read_checkpoint
 
 
 def cosine_distance(student, teacher):
@@ -42,12 +42,8 @@ def load_teacher(config, student):
     if not path:
         raise RecBoleLLMError("slmrec_distill needs slmrec_teacher_checkpoint: the .pth of a deeper SLMRec run on "
                               "this dataset (train it first with slmrec_distill: False).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        _refuse(path, "no such file", "pass the .pth the teacher run saved in its checkpoint_dir")
-    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
-        _refuse(path, "not a RecBole checkpoint", "pass the .pth file an SLMRec run saved")
+    checkpoint = read_checkpoint(path, "slmrec_teacher_checkpoint",
+                                 "pass the .pth file the SLMRec teacher run saved in its checkpoint_dir")
     teacher_config, state = checkpoint["config"], checkpoint["state_dict"]
     if teacher_config["model"] != "SLMRec":
         _refuse(path, f"it holds a {teacher_config['model']}, not an SLMRec", "pass an SLMRec checkpoint")
