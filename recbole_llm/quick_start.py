@@ -170,6 +170,8 @@ def load_data_and_model(model_file, console_log=True):
     config = checkpoint["config"]
     if config["device"].type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
+    if not config["single_spec"] and not dist.is_initialized():
+        config["single_spec"] = True  # a DDP run's checkpoint, reloaded in one process: plain loaders, no gathers
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     if not console_log:
