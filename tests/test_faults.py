@@ -216,3 +216,27 @@ def test_a_run_killed_while_saving_leaves_no_checkpoint_under_its_name(checkpoin
     result = run("SASRec", "test", config_dict=config)  # the same command again
     assert result["saved_model_file"].endswith("model.pth")
     assert load_data_and_model(result["saved_model_file"])[1] is not None
+
+
+KILLED_CACHE_WRITE = """
+import os, signal
+import numpy as np
+from recbole_llm.text import cache
+
+def save_then_die(f, matrix):
+    f.write(b"half a matrix")
+    os.kill(os.getpid(), signal.SIGKILL)
+cache.np.save = save_then_die
+cache.CacheEntry({folder!r}, "items").get({key!r}, lambda: (np.ones((4, 3), dtype=np.float32), list("abcd")))
+"""
+
+
+def test_a_build_killed_while_writing_leaves_no_entry_a_later_run_reads(tmp_path):
+    from conftest import run_python
+
+    folder = tmp_path / "cache"
+    proc = run_python(["-c", KILLED_CACHE_WRITE.format(folder=str(folder), key=KEY)])
+    assert proc.returncode == -9
+    assert not (folder / "items.npy").exists() and not (folder / "items.json").exists()
+    matrix, tokens, built = CacheEntry(folder, "items").get(KEY, _matrix)
+    assert built and tokens == _matrix()[1]
