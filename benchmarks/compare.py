@@ -30,6 +30,7 @@ GROUPS = ("tail_user", "head_user", "tail_item", "head_item")  # recbole_llm.eva
 # Effective config values shown in the report; values that differ between models are listed per model.
 PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "epochs", "stopping_step", "eval_step",
                  "train_batch_size", "eval_batch_size", "learning_rate", "MAX_ITEM_LIST_LENGTH", "llm_train_mode",
+                 "llm_exclude_history",
                  "loss_type", "train_neg_sample_args", "llm_head_ratio", "llm_tail_user_threshold",
                  "llm_tail_item_threshold", "metric_decimal_place", "reproducibility", "device")
 RESERVED_KEYS = ("model", "dataset", "seed", "config_files")  # set by the harness, not by --key=value

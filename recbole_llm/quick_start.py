@@ -15,7 +15,7 @@ from recbole.utils import ModelType, get_environment, get_flops, get_local_time,
 
 from recbole_llm import compat
 from recbole_llm.config import Config
-from recbole_llm.evaluator import attach_group_metrics
+from recbole_llm.evaluator import attach_group_metrics, attach_history_exclusion
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer, read_checkpoint
 
 
@@ -113,7 +113,8 @@ def _log_flops(model, dataset, config, logger):
 
 
 def _build_trainer(config, model, dataset, valid_data, test_data):
-    """The model's trainer, with the shared checkpoint name and, for sequential models, the long-tail group metrics.
+    """The model's trainer, with the shared checkpoint name and, for sequential models, the long-tail group metrics
+    and (``llm_exclude_history``) the exclusion of each user's history from the ranking.
 
     ``dataset`` (the whole dataset) and the evaluation loaders define the groups' training split.
     """
@@ -122,6 +123,8 @@ def _build_trainer(config, model, dataset, valid_data, test_data):
         trainer.saved_model_file = os.path.join(config["checkpoint_dir"], config["llm_checkpoint_name"])
     if config["llm_group_metrics"] and config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
         attach_group_metrics(trainer, config, dataset, (valid_data, test_data))
+    if config["llm_exclude_history"] and config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        attach_history_exclusion(trainer, dataset, valid_data, test_data)  # general models exclude it already
     return trainer
 
 

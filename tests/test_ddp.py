@@ -2,6 +2,8 @@
 import json
 import socket
 
+import pytest
+
 from conftest import run_python, tiny_config, write_tiny_dataset, write_yaml
 
 
@@ -11,9 +13,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run_returns_result(tmp_path):
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_two_process_gloo_run_returns_result(tmp_path, exclude_history):
     write_tiny_dataset(tmp_path / "data")
-    config_file = write_yaml(tmp_path / "ddp.yaml", tiny_config(tmp_path, train_neg_sample_args=None, epochs=2))
+    config_file = write_yaml(tmp_path / "ddp.yaml", tiny_config(tmp_path, train_neg_sample_args=None, epochs=2,
+                                                                llm_exclude_history=exclude_history))
     proc = run_python(["run_recbole_llm.py", "--model=SASRec", "--dataset=test", f"--config_files={config_file}",
                        "--nproc=2", f"--port={free_port()}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -77,6 +77,22 @@ def dataset_interactions(dataset):
     return torch.cat([input_users, users]), torch.cat([sequences[first][in_input], targets])
 
 
+def pair_keys(dataset):
+    """``user * n_items + item`` of each interaction of a split dataset (its targets)."""
+    inter = dataset.inter_feat
+    return inter[dataset.uid_field] * dataset.item_num + inter[dataset.iid_field]
+
+
+def training_pairs(dataset, evaluation_datasets):
+    """``(pairs, counts)``: the sorted distinct ``user * n_items + item`` keys of ``dataset``'s interactions, and how
+    often each is a training interaction (0 when its only occurrences are evaluation targets)."""
+    users, items = dataset_interactions(dataset)
+    pairs, counts = torch.unique(users * dataset.item_num + items, return_counts=True)
+    for evaluation in evaluation_datasets:
+        counts -= torch.bincount(torch.searchsorted(pairs, pair_keys(evaluation)), minlength=len(pairs))
+    return pairs, counts
+
+
 def training_counts(dataset, evaluation_datasets):
     """``(user_history, item_popularity)``: per user id, its number of training interactions; per item id, the
     number of distinct users with it among their training interactions.
@@ -84,13 +100,8 @@ def training_counts(dataset, evaluation_datasets):
     The training interactions are all of ``dataset``'s (the whole dataset) but the evaluation targets. This does
     not depend on how the training samples are laid out (``llm_train_mode``) nor on ``MAX_ITEM_LIST_LENGTH``.
     """
-    users, items = dataset_interactions(dataset)
     n_items = dataset.item_num
-    pairs, counts = torch.unique(users * n_items + items, return_counts=True)
-    for evaluation in evaluation_datasets:
-        inter = evaluation.inter_feat
-        held_out = inter[evaluation.uid_field] * n_items + inter[evaluation.iid_field]
-        counts -= torch.bincount(torch.searchsorted(pairs, held_out), minlength=len(pairs))
+    pairs, counts = training_pairs(dataset, evaluation_datasets)
     history = torch.zeros(dataset.user_num, dtype=torch.long).index_add_(0, pairs // n_items, counts)
     popularity = torch.bincount(pairs[counts > 0] % n_items, minlength=n_items)  # repeats of an item count once
     return history, popularity
