@@ -253,7 +253,7 @@ def test_cross_residual_adds_each_view_to_its_cross_attention(data_dir, norm):
 
 
 def test_faithful_cross_attention_replaces_the_views(data_dir):
-    net, batch, *_ = build(data_dir)
+    net, batch, *_ = build(data_dir, llmesr_setting="faithful")
     net.eval()
     seq = batch[net.ITEM_SEQ][:4]
     id_view, llm_view = _raw_views(net, seq)
