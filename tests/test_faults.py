@@ -132,6 +132,7 @@ def _foreign(tmp_path):
 
 @pytest.mark.parametrize("make_bad", ["truncated", "foreign"])
 def test_a_bad_checkpoint_is_one_error_naming_the_file(checkpoint, tmp_path, make_bad):
+    from recbole_llm.model.sequential_recommender.slmrec import sasrec_item_table
     from recbole_llm.quick_start import load_data_and_model
     from recbole_llm.trainer.reclora import _crm_checkpoint
     from recbole_llm.trainer.slmrec import load_teacher
@@ -144,6 +145,8 @@ def test_a_bad_checkpoint_is_one_error_naming_the_file(checkpoint, tmp_path, mak
         load_teacher({"slmrec_teacher_checkpoint": bad}, None)
     with pytest.raises(RecBoleLLMError, match="reclora_crm_checkpoint " + message):
         _crm_checkpoint({"reclora_crm_checkpoint": bad})
+    with pytest.raises(RecBoleLLMError, match="slmrec_item_emb_checkpoint: checkpoint " + message):
+        sasrec_item_table({"slmrec_item_emb_checkpoint": bad}, None)
 
 
 def test_recommend_prints_one_line_for_a_bad_checkpoint_and_no_config_dump(checkpoint, tmp_path):

@@ -18,7 +18,7 @@ from torch import nn
 
 from recbole_llm.model.layers import per_row_user_vectors
 from recbole_llm.text.encoders import encoder_path
-from recbole_llm.utils import RecBoleLLMError, read_checkpoint
+from recbole_llm.utils import RecBoleLLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Where each architecture keeps its stack of layers (PeftModel adds its own prefix in front).
@@ -212,7 +212,10 @@ def _checkpoint_item_vectors(path, _modified):
     from recbole_llm.quick_start import load_data_and_model  # quick_start imports the model registry
 
     with _kept_random_state():
-        config, model, dataset, *_ = load_data_and_model(path)
+        try:
+            config, model, dataset, *_ = load_data_and_model(path)
+        except RecBoleLLMError as error:  # truncated, foreign or another dataset's: name the key as well
+            raise RecBoleLLMError(f"slmrec_item_emb_checkpoint: {error}") from None
     embedding = getattr(model, "item_embedding", None)
     if not isinstance(embedding, nn.Embedding):
         raise RecBoleLLMError(f"slmrec_item_emb_checkpoint '{path}' holds a {config['model']} without an "
@@ -228,7 +231,9 @@ def sasrec_item_table(config, dataset):
     if not path:
         raise RecBoleLLMError("SLMRec needs slmrec_item_emb_checkpoint: the .pth file of a trained RecBole SASRec "
                               "run on the same items (e.g. python run_recbole_llm.py --model=SASRecAP --dataset=...).")
-    read_checkpoint(path, "slmrec_item_emb_checkpoint", "pass the .pth file a SASRec run saved in its checkpoint_dir")
+    if not os.path.isfile(path):
+        raise RecBoleLLMError(f"slmrec_item_emb_checkpoint '{path}' does not exist; pass the .pth file a SASRec run "
+                              f"saved in its checkpoint_dir.")
     vectors = _checkpoint_item_vectors(os.path.abspath(path), os.stat(path).st_mtime_ns)
     tokens = dataset.field2id_token[dataset.iid_field]
     missing = [token for token in tokens[1:] if token not in vectors]
