@@ -292,13 +292,34 @@ def test_few_to_many_draws_a_fixed_subset(root):
 
 
 def test_linear_schedule_reaches_zero(root):
-    model, trainer, train, test = build_model(root, learning_rate=0.01)
-    trainer._schedule(4)
+    model, trainer, train, test = build_model(root, learning_rate=0.01, llm_grad_accum_steps=1)
+    trainer.start_schedule(range(4))  # one epoch of 4 batches: 4 optimizer steps
     rates = []
     for _ in range(4):
         trainer.optimizer.step()
+        trainer.scheduler.step()
         rates.append(trainer.optimizer.param_groups[0]["lr"])
     assert rates == pytest.approx([0.0075, 0.005, 0.0025, 0.0])
+
+
+def test_gradient_checkpointing_leaves_the_gradients_unchanged(root):
+    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
+
+    model, trainer, train, test = build_model(root, reclora_gate_dropout=0.0)
+    batch = train.inter_feat[torch.arange(4)]
+
+    def gradients():
+        model.zero_grad()
+        model.calculate_loss(batch).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    plain = gradients()
+    enable_gradient_checkpointing(model)
+    assert model.llm.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and any(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- clear errors

@@ -9,18 +9,17 @@
 - Few2Many: the LLM trains on ``reclora_train_samples`` training samples drawn with ``reclora_subset_seed``
   (``random.Random(seed).sample``, as ReLLa draws them), kept in time order and shuffled per epoch by the loader.
 - Only the trainable parameters (the LoRA banks and gates) reach the optimizer and the checkpoints.
-- ``reclora_lr_schedule: linear`` decays the learning rate linearly to 0 over the run (the official schedule; the
-  official run stops after the first of its 5 epochs, so its rate only falls to 80%).
+- The schedule, clipping, dtype and gradient accumulation are the shared ``LLMTrainer``'s; RecLoRA.yaml sets the
+  official linear decay to 0 without warm-up over the run's steps (the official run stops after the first of its
+  5 epochs, so its rate only falls to 80%).
 """
 import random
 
 import torch
 from recbole.data.dataloader import TrainDataLoader
-from recbole.trainer import Trainer
 
-from recbole_llm.utils import RecBoleLLMError, config_choice, get_model, read_checkpoint
-
-SCHEDULES = ("linear", "constant")
+from recbole_llm.trainer.llm_trainer import LLMTrainer
+from recbole_llm.utils import RecBoleLLMError, get_model, read_checkpoint
 
 # Config values a CRM checkpoint must share with the RecLoRA run: the samples, their labels and the split.
 CRM_KEYS = ("dataset", "llm_dataset", "reclora_crm_hist_len", "reclora_min_history", "reclora_label_threshold")
@@ -83,8 +82,8 @@ def few_to_many(train_data, config):
     return TrainDataLoader(config, subset, None, shuffle=config["shuffle"])
 
 
-class RecLoRATrainer(Trainer):
-    """RecBole's Trainer with the frozen CRM attached, Few2Many subsetting, and only trainable parameters optimised."""
+class RecLoRATrainer(LLMTrainer):
+    """The shared LLMTrainer with the frozen CRM attached, Few2Many subsetting, and only trainable parameters optimised."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -97,13 +96,4 @@ class RecLoRATrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         train_data = few_to_many(train_data, self.config)
-        self._schedule(self.epochs * len(train_data))
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-
-    def _schedule(self, total_steps):
-        """``reclora_lr_schedule: linear``: the learning rate falls linearly to 0 over the run's steps, stepped after
-        every optimizer step (the official HF Trainer's schedule, without warm-up)."""
-        schedule = config_choice(self.config, "reclora_lr_schedule", SCHEDULES)
-        if schedule == "linear":
-            scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: max(0.0, 1 - step / total_steps))
-            self.optimizer.register_step_post_hook(lambda *args: scheduler.step())

@@ -9,14 +9,14 @@ last-token states (block i ends at layer ``(L // b) * i`` of the student and of 
 - ``slmrec_ms_weight`` λ3 · Σ_{i<b} CE of the student's extra head on block i (multiple supervision).
 
 A term with weight 0 is neither computed nor logged; each other term is logged on its own after the student's CE.
-Without ``slmrec_distill`` it is RecBole's trainer (the teacher, or a student trained alone).
+Without ``slmrec_distill`` it is the shared ``LLMTrainer`` alone (the teacher, or a student trained alone).
 """
 import torch
 import torch.nn.functional as F
-from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_llm.model.sequential_recommender.slmrec import SLMRec, block_layers
+from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.utils import RecBoleLLMError, read_checkpoint
 
 
@@ -64,8 +64,8 @@ def load_teacher(config, student):
     return teacher.to(config["device"]).eval()
 
 
-class SLMRecTrainer(Trainer):
-    """RecBole's Trainer; with ``slmrec_distill`` the loss is SLMRec's (see the module docstring)."""
+class SLMRecTrainer(LLMTrainer):
+    """The LLM training control (clipping, schedule, dtype, accumulation); with ``slmrec_distill`` the loss is SLMRec's (see the module docstring)."""
 
     def __init__(self, config, model):
         super().__init__(config, model)

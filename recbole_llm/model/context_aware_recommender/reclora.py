@@ -39,14 +39,14 @@ same LLM.
 Config keys (properties/model/RecLoRA.yaml): reclora_llm, reclora_chat_template, reclora_max_tokens,
 reclora_history, reclora_llm_hist_len, reclora_pca_dim, reclora_mode, reclora_loss, reclora_target_modules,
 reclora_rank, reclora_alpha, reclora_lora_dropout, reclora_n_meta, reclora_gate_hidden, reclora_gate_dropout,
-reclora_temperature, reclora_crm_dim, reclora_crm_checkpoint, reclora_train_samples, reclora_subset_seed,
-reclora_lr_schedule; and the
-CTR data keys of properties/overall.yaml (reclora_min_history, reclora_label_threshold, reclora_crm_hist_len,
+reclora_temperature, reclora_crm_dim, reclora_crm_checkpoint, reclora_train_samples, reclora_subset_seed; the
+training control of ``recbole_llm.trainer.llm_trainer`` (llm_dtype, llm_grad_accum_steps, llm_max_grad_norm,
+llm_lr_scheduler, llm_warmup_steps, llm_warmup_ratio, llm_gradient_checkpointing); and the CTR data keys of properties/overall.yaml (reclora_min_history, reclora_label_threshold, reclora_crm_hist_len,
 reclora_valid_samples, reclora_test_samples).
 
 Deviations: the retriever embeds items with ``llm_encoder`` over the side-data item text (title, year, genres)
-instead of Vicuna over ReLLa's movie sentence; there is no gradient accumulation (``train_batch_size`` is the
-batch); the model is selected on valid (the official code selects on test).
+instead of Vicuna over ReLLa's movie sentence; the global batch of 256 is 8 accumulated batches of 32, not 256
+accumulated samples (the same update up to the order of the sums); the model is selected on valid (the official code selects on test).
 """
 import os
 from collections import OrderedDict
@@ -59,6 +59,7 @@ from torch import nn
 
 from recbole_llm.data.ctr import ANSWERS, CTRPrompts
 from recbole_llm.model.layers import MetaLoRA, MetaLoRAGate
+from recbole_llm.trainer.llm_trainer import compute_dtype
 from recbole_llm.utils import RecBoleLLMError, config_choice
 
 MODES = ("reclora", "origin")
@@ -75,7 +76,9 @@ def load_frozen_scorer(config):
 
     path = encoder_path(config, "reclora_llm")
     causal = is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True))
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, local_files_only=True)
+    # Frozen weights have no master copy to keep in fp32, so they load in the compute dtype; the banks stay fp32.
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, local_files_only=True,
+                                                                            dtype=compute_dtype(config))
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.truncation_side = "left"  # a long prompt loses its oldest tokens, never the answer position
@@ -148,6 +151,10 @@ class RecLoRA(AbstractRecommender):
         self.max_tokens = min(config["reclora_max_tokens"], self._position_limit())
         self.lora = self._lora_banks(config)
         self.crm = None
+
+    def gradient_checkpointing_modules(self):
+        """The LLM, for ``llm_gradient_checkpointing``."""
+        return [self.llm]
 
     def _position_limit(self):
         limit = getattr(self.llm.config, "max_position_embeddings", None)

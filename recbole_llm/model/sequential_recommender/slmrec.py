@@ -53,15 +53,16 @@ class SLMRec(SequentialRecommender):
 
     Deviations from the official code: float32 (or ``slmrec_dtype`` bf16/fp16) weights instead of 8-bit LLaMA-2-7B
     with fp16; the CPU default backbone is all-MiniLM-L6-v2 (6 encoder layers, bidirectional over the prompt)
-    instead of LLaMA-2-7B (32 decoder layers); the instruction is our own wording in the Alpaca layout; no
-    learning-rate schedule (RecBole's trainer); pads sit before the items and are masked, while the official code
+    instead of LLaMA-2-7B (32 decoder layers); the instruction is our own wording in the Alpaca layout; bf16
+    autocast on CUDA (``llm_dtype: auto``) instead of fp16; pads sit before the items and are masked, while the official code
     maps padding onto item 0, a real item; items follow RecBole's time order.
 
     Config keys (properties/model/SLMRec.yaml): ``slmrec_item_emb_checkpoint``, ``slmrec_backbone``,
     ``slmrec_n_layers``, ``slmrec_interval``, ``slmrec_dtype``, ``slmrec_lora_r``, ``slmrec_lora_alpha``,
     ``slmrec_lora_dropout``, ``slmrec_lora_target_modules``, ``slmrec_instruction``, ``slmrec_response``,
     ``slmrec_distill``, ``slmrec_distill_blocks``, ``slmrec_ms_weight`` (the trainer reads
-    ``slmrec_teacher_checkpoint``, ``slmrec_cos_weight`` and ``slmrec_l2_weight``), ``llm_train_mode``.
+    ``slmrec_teacher_checkpoint``, ``slmrec_cos_weight`` and ``slmrec_l2_weight``), ``llm_train_mode``; and the
+    training control of ``recbole_llm.trainer.llm_trainer`` (official: cosine, 100 warm-up steps, clipping at 1.0).
     """
 
     input_type = InputType.POINTWISE
@@ -83,6 +84,10 @@ class SLMRec(SequentialRecommender):
         self.blocks = block_layers(self.n_layers, config["slmrec_distill_blocks"]) if config["slmrec_distill"] else []
         n_heads = len(self.blocks[:-1]) if config["slmrec_ms_weight"] > 0 else 0
         self.ms_heads = nn.ModuleList(nn.Linear(self.hidden_size, table.shape[1], bias=False) for _ in range(n_heads))
+
+    def gradient_checkpointing_modules(self):
+        """The LoRA-wrapped backbone, for ``llm_gradient_checkpointing``."""
+        return [self.backbone]
 
     def _init_prompt(self, config):
         from transformers import AutoTokenizer
