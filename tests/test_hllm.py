@@ -1,4 +1,5 @@
-"""HLLM: item texts, the item and user LLMs, the InfoNCE loss, the frozen and end-to-end modes, errors."""
+"""HLLM: item texts, the item and user LLMs, the InfoNCE and softmax losses, the frozen and end-to-end modes,
+the side-data item vectors, the micro-batched item pass, errors."""
 import math
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from recbole_llm.config import Config
 from recbole_llm.model import hllm_layers
-from recbole_llm.model.hllm_layers import item_texts, item_token_table, nce_logits, nce_loss
+from recbole_llm.model.hllm_layers import (item_texts, item_token_table, nce_logits, nce_loss, softmax_logits,
+                                           softmax_loss)
 from recbole_llm.model.sequential_recommender.hllm import HLLM
 from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_recbole_llm
-from recbole_llm.text.encoders import encoder_path
+from recbole_llm.text import SideData, item_vectors
+from recbole_llm.text.encoders import TextEncoder, encoder_path
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
 from conftest import tiny_config, write_tiny_dataset
 from hllm_ranks import gather_on_rank
@@ -40,7 +43,8 @@ def workdir(tmp_path_factory):
 
 
 def hllm_config(workdir, **overrides):
-    """Frozen 1-layer MiniLM items (no prompt, 16 tokens), a 1-layer user Llama of width 16: cheap steps."""
+    """Frozen 1-layer MiniLM items (no prompt, 16 tokens; so hllm_item_text auto is prompt), a 1-layer user Llama
+    of width 16: cheap steps."""
     values = {"model": "HLLM", "hllm_item_num_layers": 1, "hllm_item_prompt": "", "hllm_max_text_length": 16,
               "hllm_user_num_layers": 1, "hllm_user_hidden_size": 16, "hllm_user_inner_size": 32,
               "hllm_num_negatives": 32, "train_batch_size": 20, "metrics": ["Recall", "NDCG"], "topk": [5, 10],
@@ -109,9 +113,39 @@ def test_item_vector_and_item_llm_get_gradients_end_to_end(e2e):
     model.train()
     model.zero_grad()
     model.calculate_loss(next(iter(train))).backward()
+    assert model.item_text == "prompt"  # auto's choice end to end
     assert model.item_llm.item_token.grad.norm() > 0
     assert model.item_llm.llm.layers[0].self_attn.q_proj.weight.grad.norm() > 0
     assert model.logit_scale.grad is not None
+
+
+def test_micro_batched_item_pass_gives_the_vectors_and_gradients_of_one_pass(e2e):
+    model = e2e[0]
+    model.eval()  # no dropout: both passes see the same network
+    items = torch.arange(1, 40).repeat(2)  # repeats are encoded once
+    weights = torch.randn(len(items), model.item_llm.dim, generator=torch.Generator().manual_seed(0))
+    calls = []
+    hook = model.item_llm.register_forward_hook(lambda *args: calls.append(1))
+
+    def pass_with(micro_batch):
+        model.item_micro_batch, calls[:] = micro_batch, []
+        model.zero_grad()
+        vectors = model.item_vectors(items)
+        (vectors * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.item_llm.named_parameters() if p.grad is not None}
+        return vectors.detach(), grads, len(calls)
+
+    try:
+        whole, whole_grads, whole_calls = pass_with(None)
+        micro, micro_grads, micro_calls = pass_with(7)
+    finally:
+        hook.remove()
+        model.item_micro_batch = None
+        model.zero_grad()
+    assert (whole_calls, micro_calls) == (1, math.ceil(39 / 7))
+    assert torch.allclose(micro, whole, atol=1e-5)
+    assert "item_token" in whole_grads and whole_grads.keys() == micro_grads.keys()
+    assert all(torch.allclose(micro_grads[name], grad, atol=1e-5) for name, grad in whole_grads.items())
 
 
 def test_frozen_mode_trains_only_the_user_side(frozen):
@@ -133,6 +167,24 @@ def test_frozen_table_is_read_back_from_the_cache(workdir, frozen, monkeypatch):
     other = hllm_config(workdir, hllm_max_text_length=12)  # another token table: another fingerprint
     with pytest.raises(pytest.fail.Exception, match="encoded again"):
         build(other)
+
+
+def test_side_data_rows_are_the_cache_vectors_by_internal_id_without_a_second_encoder_pass(workdir, monkeypatch):
+    config_dict = hllm_config(workdir, hllm_item_num_layers=None)  # the whole MiniLM: auto picks side_data
+    config = Config(config_dict=config_dict)
+    dataset = create_dataset(config)
+    item_vectors(dataset, config)  # the cache filled as an LLM-ESR model fills it
+    monkeypatch.setattr(TextEncoder, "encode", lambda *args: pytest.fail("the items were encoded again"))
+    monkeypatch.setattr("recbole_llm.model.sequential_recommender.hllm.ItemLLM",
+                        lambda *args: pytest.fail("the item LLM was built"))
+    model, _, train, _, _ = build(config_dict)
+    assert model.item_text == "side_data"
+    cached = SideData(config).items()
+    internal = train.dataset.token2id("item_id", "61")
+    assert internal != 61  # RecBole remapped the ids
+    assert torch.equal(model.item_table[internal], torch.from_numpy(cached.matrix[cached.tokens.index("61")]))
+    assert SideData(config).item_texts.texts["61"] == "Three Colors: White (1994). Genres: Drama."
+    assert model.item_table.shape == (model.n_items, 384) and not model.item_table[0].any()
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
@@ -157,6 +209,43 @@ def test_loss_equals_a_hand_computation():
         hand.append(-math.log(math.exp(scale * logits[0]) / sum(math.exp(scale * x) for x in logits)))
     loss = nce_loss(outputs, positives, negatives, torch.tensor(math.log(scale)), 0.99)
     assert loss.item() == pytest.approx(sum(hand) / 2, rel=1e-5)
+
+
+def test_softmax_loss_equals_a_hand_computation_and_pad_takes_no_probability():
+    outputs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    items = torch.tensor([[5.0, 5.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])  # row 0 is [PAD], aligned with both
+    targets = torch.tensor([1, 3])
+    scale = torch.tensor(math.log(10.0), requires_grad=True)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    hand = [-10 * cos(out, items[t]) + math.log(sum(math.exp(10 * cos(out, item)) for item in items[1:]))
+            for out, t in zip(outputs, targets)]
+    loss = softmax_loss(outputs, targets, items, scale)
+    assert loss.item() == pytest.approx(sum(hand) / 2, rel=1e-5)
+    assert torch.isneginf(softmax_logits(outputs, items, scale)[:, 0]).all()
+    loss.backward()
+    assert torch.isfinite(scale.grad)
+
+
+def test_softmax_mode_scores_the_targets_against_the_whole_table_and_draws_no_negatives(frozen, monkeypatch):
+    model, _, train, _, _ = frozen
+    seen = {}
+
+    def recording(outputs, targets, items, logit_scale):
+        seen.update(targets=targets, items=items)
+        return softmax_loss(outputs, targets, items, logit_scale)
+
+    monkeypatch.setattr("recbole_llm.model.sequential_recommender.hllm.softmax_loss", recording)
+    monkeypatch.setattr("recbole_llm.model.sequential_recommender.hllm.nce_loss",
+                        lambda *args: pytest.fail("InfoNCE was computed"))
+    draw = hllm_layers.uniform_items
+    monkeypatch.setattr("recbole_llm.model.sequential_recommender.hllm.uniform_items",
+                        lambda count, *args: seen.update(negatives=count) or draw(count, *args))
+    monkeypatch.setattr(model, "softmax", True)
+    batch = next(iter(train))
+    model.calculate_loss(batch)
+    targets = batch["item_id_target_list"]
+    assert torch.equal(seen["targets"], targets[targets > 0]) and seen["items"] is model.item_table
+    assert seen["negatives"] == 0
 
 
 def test_logit_scale_starts_at_one_over_007_and_is_clamped_at_100(frozen):
@@ -245,8 +334,10 @@ def test_checkpoint_reload_reproduces_the_test_result(workdir):
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def test_loss_goes_down_on_a_tiny_dataset(workdir):
-    model, config, train, _, _ = build(hllm_config(workdir, learning_rate=0.01))
+@pytest.mark.parametrize("overrides", [{}, {"hllm_loss": "softmax", "hllm_item_num_layers": None}],
+                         ids=["nce-prompt", "softmax-side_data"])
+def test_loss_goes_down_on_a_tiny_dataset(workdir, overrides):
+    model, config, train, _, _ = build(hllm_config(workdir, learning_rate=0.01, **overrides))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     losses = [trainer._train_epoch(train, epoch, show_progress=False) for epoch in range(4)]
     assert losses[-1] < losses[0]
@@ -299,9 +390,19 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_max_text_length": 512}, r"hllm_max_text_length 512 leaves no room for the \[ITEM\] position"),
     ({"hllm_user_num_heads": 5}, r"width divisible by hllm_user_num_heads"),
     ({"hllm_item_llm": "no/such/folder"}, r"hllm_item_llm 'no/such/folder' does not exist"),
+    ({"hllm_item_text": "title"}, r"hllm_item_text 'title' is unknown; use one of auto, side_data, prompt"),
+    ({"hllm_item_text": "side_data"}, r"side_data reads fixed vectors .* set hllm_freeze_item_llm: True"),
+    ({"hllm_item_text": "side_data", "hllm_freeze_item_llm": True},
+     r"side_data takes the vectors of llm_encoder, unchanged, but hllm_item_num_layers keeps 1 of its layers"),
+    ({"hllm_item_text": "side_data", "hllm_freeze_item_llm": True, "hllm_item_num_layers": None,
+      "llm_encoder": "LLAMA"},
+     r"side_data takes the vectors of llm_encoder, unchanged, but hllm_item_llm is '.*' and llm_encoder '.*llama'"),
+    ({"hllm_loss": "bpr"}, r"hllm_loss 'bpr' is unknown; use one of nce, softmax"),
+    ({"hllm_loss": "softmax"}, r"hllm_loss: softmax .* needs the frozen item table \(hllm_freeze_item_llm: True\)"),
+    ({"hllm_item_micro_batch": 0}, r"hllm_item_micro_batch must be a positive number of items or ~"),
 ])
 def test_clear_errors(workdir, overrides, message):
-    if overrides.get("hllm_user_llm") == "MINILM":
-        overrides = {"hllm_user_llm": str(encoder_path({"llm_encoder": None}))}
+    named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}
+    overrides = {key: named.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
     with pytest.raises(RecBoleLLMError, match=message):
-        build(hllm_config(workdir, hllm_freeze_item_llm=False, **overrides))
+        build(hllm_config(workdir, **{"hllm_freeze_item_llm": False, **overrides}))

@@ -19,6 +19,8 @@ from recbole_llm.utils import RecBoleLLMError
 
 POOLINGS = ("auto", "item", "mean")
 HEADS = ("generative", "late_fusion")
+ITEM_TEXTS = ("auto", "side_data", "prompt")
+LOSSES = ("nce", "softmax")
 _TEXT_TYPES = ("token", "token_seq", "float")  # .item columns that can hold an item's words or numbers
 
 
@@ -176,16 +178,21 @@ class ItemLLM(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return torch.where(weights > 0, hidden, 0.0).sum(1) / weights.sum(1).clamp(min=1)
 
+    def encode(self, items, batch_size=None):
+        """``[len(items), dim]``: the vectors of ``items`` in forward passes of at most ``batch_size`` items (~ = one
+        pass), texts of similar length together so that each pass pads little. Items are encoded independently, so
+        the split changes neither the vectors nor their gradients."""
+        order = torch.argsort(self.token_mask[items].sum(1), stable=True)
+        parts = [self(items[part]) for part in order.split(batch_size or len(order))]
+        return torch.cat(parts)[torch.argsort(order)]
+
     @torch.no_grad()
     def encode_all(self):
-        """``[n_items, dim]``: every item's vector (row 0 too), in eval mode, in batches of similar length, under
-        ``no_grad``."""
+        """``[n_items, dim]``: every item's vector (row 0 too), in eval mode, ``hllm_item_batch_size`` items per
+        pass, under ``no_grad``."""
         was_training = self.training
         self.eval()
-        order = torch.argsort(self.token_mask.sum(1), stable=True)
-        vectors = torch.empty(len(order), self.dim, device=order.device)
-        for batch in order.split(self.batch_size):
-            vectors[batch] = self(batch)
+        vectors = self.encode(torch.arange(len(self.token_ids), device=self.token_ids.device), self.batch_size)
         self.train(was_training)
         return vectors
 
@@ -211,15 +218,72 @@ def frozen_item_table(item_llm, config):
     return torch.from_numpy(matrix)
 
 
+def choice(config, key, options):
+    """``config[key]``, which must be one of ``options``."""
+    value = config[key]
+    if value not in options:
+        raise RecBoleLLMError(f"{key} '{value}' is unknown; use one of {', '.join(options)}.")
+    return value
+
+
 def item_pooling(config):
     """``hllm_item_pooling``, with ``auto`` = ``item`` when the item LLM trains and ``mean`` when it is frozen (an
     [ITEM] vector that never trains is random noise in a frozen model)."""
-    pooling = config["hllm_item_pooling"]
-    if pooling not in POOLINGS:
-        raise RecBoleLLMError(f"hllm_item_pooling '{pooling}' is unknown; use one of {', '.join(POOLINGS)}.")
+    pooling = choice(config, "hllm_item_pooling", POOLINGS)
     if pooling == "auto":
         return "mean" if config["hllm_freeze_item_llm"] else "item"
     return pooling
+
+
+def item_text_choice(config):
+    """``hllm_item_text``: ``side_data`` (the frozen item vectors are the side-data cache's, see ``item_vectors`` in
+    recbole_llm.text) or ``prompt`` (the official text through ``ItemLLM``). ``auto`` is side_data when the item LLM
+    is frozen and is the side-data encoder itself, else prompt."""
+    text = choice(config, "hllm_item_text", ITEM_TEXTS)
+    frozen = config["hllm_freeze_item_llm"]
+    if text == "auto":
+        return "side_data" if frozen and _side_data_mismatch(config) is None else "prompt"
+    if text == "side_data" and not frozen:
+        raise RecBoleLLMError("hllm_item_text: side_data reads fixed vectors from the side-data cache, so the item "
+                              "LLM cannot train; set hllm_freeze_item_llm: True, or use hllm_item_text: prompt (or "
+                              "auto) to train end to end.")
+    mismatch = _side_data_mismatch(config) if text == "side_data" else None
+    if mismatch:
+        raise RecBoleLLMError(f"hllm_item_text: side_data takes the vectors of llm_encoder, unchanged, but {mismatch}; "
+                              f"make them agree (leave the hllm_item_llm keys at their defaults, or set llm_encoder), "
+                              f"or use hllm_item_text: prompt.")
+    return text
+
+
+def _side_data_mismatch(config):
+    """Why the configured item LLM is not the side-data encoder (``llm_encoder``, whole and pretrained), or None."""
+    item_llm, encoder = encoder_path(config, "hllm_item_llm").resolve(), encoder_path(config).resolve()
+    if item_llm != encoder:
+        return f"hllm_item_llm is '{item_llm}' and llm_encoder '{encoder}'"
+    if config["hllm_item_num_layers"] is not None:
+        return f"hllm_item_num_layers keeps {config['hllm_item_num_layers']} of its layers"
+    if not config["hllm_item_llm_pretrained"]:
+        return "hllm_item_llm_pretrained is False"
+    return None
+
+
+def loss_choice(config):
+    """``hllm_loss``: ``nce`` (the official sampled InfoNCE) or ``softmax`` (over every item, frozen mode only)."""
+    loss = choice(config, "hllm_loss", LOSSES)
+    if loss == "softmax" and not config["hllm_freeze_item_llm"]:
+        raise RecBoleLLMError("hllm_loss: softmax scores every item at every step, which needs the frozen item table "
+                              "(hllm_freeze_item_llm: True); end to end it would run every item through the item LLM "
+                              "each step. Use hllm_loss: nce to train end to end.")
+    return loss
+
+
+def item_micro_batch(config):
+    """``hllm_item_micro_batch``: a positive number of items, or ~."""
+    size = config["hllm_item_micro_batch"]
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise RecBoleLLMError(f"hllm_item_micro_batch must be a positive number of items or ~ (one pass), not "
+                              f"{size!r}.")
+    return size
 
 
 # --- the generative loss ------------------------------------------------------------------------------------------
@@ -275,6 +339,23 @@ def nce_loss(outputs, positives, negatives, logit_scale, threshold):
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+def cosines(users, items):
+    """``[len(users), len(items)]``: the cosine of every pair."""
+    return F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T
+
+
+def softmax_logits(outputs, items, logit_scale):
+    """``[N, n_items]``: the cosine of each output with every item times ``exp(logit_scale)``; column 0 ([PAD]) is
+    -inf (after scaling, as in ``nce_logits``), so padding takes no probability."""
+    logits = cosines(outputs, items) * logit_scale.exp()
+    return logits.masked_fill(torch.arange(len(items), device=logits.device) == 0, float("-inf"))
+
+
+def softmax_loss(outputs, targets, items, logit_scale):
+    """Cross-entropy of the target item ids over every item of ``items`` ``[n_items, D]``, averaged over the rows."""
+    return F.cross_entropy(softmax_logits(outputs, items, logit_scale), targets)
+
+
 def clamp_logit_scale(logit_scale, max_scale=100.0):
     """Keep ``exp(logit_scale)`` in [1, ``max_scale``], in place, as the official code does before every loss."""
     with torch.no_grad():
@@ -302,11 +383,3 @@ class LateFusionHead(nn.Module):
         item_part = self.item_in(items)
         return torch.cat([self.out(self.user_in(part)[:, None] + item_part[None]).squeeze(-1)
                           for part in users.split(chunk)])
-
-
-def head_choice(config):
-    """``hllm_head``, checked."""
-    head = config["hllm_head"]
-    if head not in HEADS:
-        raise RecBoleLLMError(f"hllm_head '{head}' is unknown; use one of {', '.join(HEADS)}.")
-    return head

@@ -12,10 +12,12 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.hllm_layers import (ItemLLM, LateFusionHead, autocast, clamp_logit_scale, configure_llm,
-                                           frozen_item_table, gather_negatives, head_choice, nce_loss, uniform_items,
-                                           user_llm)
+from recbole_llm.model.hllm_layers import (HEADS, ItemLLM, LateFusionHead, autocast, choice, clamp_logit_scale,
+                                           configure_llm, cosines, frozen_item_table, gather_negatives,
+                                           item_micro_batch, item_text_choice, loss_choice, nce_loss, softmax_loss,
+                                           uniform_items, user_llm)
 from recbole_llm.model.layers import per_row_user_vectors, sample_negatives
+from recbole_llm.text import item_vectors as side_data_item_vectors
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -27,32 +29,46 @@ class HLLM(SequentialRecommender):
       ``hllm_max_text_length`` tokens; a learnable [ITEM] vector follows, and the item vector is the last layer's
       state there (or the mean over the tokens). Positions are right-aligned (every [ITEM] sits at position
       ``hllm_max_text_length``) through left padding to one width; items are encoded independently in padded,
-      masked batches instead of the official packed flash-attention stream (the same outputs, up to padding).
+      masked batches instead of the official packed flash-attention stream (the same outputs, up to padding). In
+      training the step's distinct items go through it ``hllm_item_micro_batch`` at a time (the same vectors and
+      gradients as one pass; it bounds one forward's working memory, not the activations kept for backward).
     - **User LLM**: a causal transformer fed the item vectors as ``inputs_embeds`` with a padding mask; its output
       at each position predicts the next item. Deviation: when its width differs from the item LLM's, a linear map
       takes item vectors in and another takes outputs back (the official code requires equal widths).
     - **Loss**: InfoNCE on cosines with a learnable logit scale (init ln(1/0.07), clamped to at most ln 100), the
       negatives ``hllm_num_negatives`` uniform item ids per step shared by every position of the batch and
       gathered across DDP ranks, negatives with cosine > ``hllm_nce_thres`` to the positive masked; the mean over
-      all valid positions. With ``llm_train_mode: all_positions`` (the default) a training sample is a user's last
-      MAX_ITEM_LIST_LENGTH + 1 training items with a target at every position; the official code also trains the
-      earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
+      all valid positions (``hllm_loss: nce``, official). Deviation, ``hllm_loss: softmax``: cross-entropy over the
+      cosines with ALL items times the same logit scale, [PAD] masked to -inf (the full softmax of SASRecAP's CE
+      baseline, on cosines); frozen mode only, as end to end it would run every item through the item LLM at every
+      step (an error says so). With ``llm_train_mode: all_positions`` (the default) a training sample is a user's
+      last MAX_ITEM_LIST_LENGTH + 1 training items with a target at every position; the official code also trains
+      the earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
     - **Modes**: end to end (both LLMs train), or ``hllm_freeze_item_llm``: every item vector is computed once at
-      build time (or read from the side-data cache, keyed by a fingerprint of the item LLM's weights and token table)
-      and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
-      caching). For evaluation all items are embedded once per evaluation, in batches under ``no_grad``, and kept
+      build time and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
+      caching). End to end, all items are embedded once per evaluation, in batches under ``no_grad``, and kept
       until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
+    - **Frozen item vectors** (``hllm_item_text``). ``prompt`` (faithful; the only choice end to end): the item LLM
+      over the official text above, cached under a fingerprint of its weights and token table. Deviation,
+      ``side_data`` (``auto``'s choice when the frozen item LLM is the side-data encoder ``llm_encoder``, e.g. the
+      bundled MiniLM): the side-data cache's vectors that LLM-ESR uses, i.e. the dataset template's plain text
+      (``llm_text_template``) encoded the standard way (left-aligned, ``llm_pooling``), remapped to internal ids.
+      Why: a frozen sentence encoder was never trained on the prompt and 'field: value' labels, which make every
+      item alike (mean pairwise cosine 0.83 over 300 ml-100k items, 0.31 for plain titles), and right-aligned
+      positions move MiniLM's output (cosine 0.93 to its standard encoding); the prompt path's keys
+      (``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``, ``hllm_item_pooling``) do not apply.
     - ``hllm_head: late_fusion`` (paper-derived, NOT in the official code, whose authors did not release it): a
       learnable [USER] vector follows each sequence's last item; the user LLM's output there and an item vector go
       through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
-      0), plus ``hllm_gen_weight`` times the InfoNCE above; scores are the MLP's logits. Early fusion (one user-LLM
-      pass per candidate) is not implemented.
+      0), plus ``hllm_gen_weight`` times the generative loss above; scores are the MLP's logits. Early fusion (one
+      user-LLM pass per candidate) is not implemented.
 
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
-    ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_batch_size``, ``hllm_user_llm``,
-    ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``,
-    ``hllm_user_inner_size``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_bf16``,
+    ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
+    ``hllm_item_micro_batch``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``,
+    ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``, ``hllm_loss``,
+    ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_bf16``,
     ``hllm_gradient_checkpointing``, ``hllm_head``, ``hllm_gen_weight``, ``hllm_head_hidden_size``; and
     ``llm_train_mode``.
     """
@@ -69,23 +85,26 @@ class HLLM(SequentialRecommender):
             raise RecBoleLLMError(f"HLLM with llm_train_mode 'all_positions' needs the field '{self.target_list}'; "
                                   f"build the dataset with recbole_llm.utils.create_dataset.")
         self.frozen = config["hllm_freeze_item_llm"]
+        self.item_text = item_text_choice(config)
+        self.softmax = loss_choice(config) == "softmax"
+        self.item_micro_batch = item_micro_batch(config)
         self.bf16 = config["hllm_bf16"]
         self.nce_thres = config["hllm_nce_thres"]
         self.num_negatives = config["hllm_num_negatives"] or (self.max_seq_length + 1) * config["train_batch_size"]
-        item_llm = ItemLLM(config, dataset)
-        item_dim = item_llm.dim
         if self.frozen:
-            self.register_buffer("item_table", frozen_item_table(item_llm.to(config["device"]), config))
+            self.register_buffer("item_table", self._frozen_table(config, dataset))
+            item_dim = self.item_table.size(1)
         else:
-            self.item_llm = item_llm
-            configure_llm(item_llm.llm, config["device"], config["hllm_gradient_checkpointing"])
+            self.item_llm = ItemLLM(config, dataset)
+            item_dim = self.item_llm.dim
+            configure_llm(self.item_llm.llm, config["device"], config["hllm_gradient_checkpointing"])
         self.user_llm = user_llm(config, item_dim)
         configure_llm(self.user_llm, config["device"], config["hllm_gradient_checkpointing"])
         user_dim = self.user_llm.config.hidden_size
         self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
         self.user_to_item = nn.Linear(user_dim, item_dim) if user_dim != item_dim else nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.late_fusion = head_choice(config) == "late_fusion"
+        self.late_fusion = choice(config, "hllm_head", HEADS) == "late_fusion"
         if self.late_fusion:
             self.user_token = nn.Parameter(torch.randn(user_dim) * 0.02)
             self.fusion = LateFusionHead(user_dim, item_dim, config["hllm_head_hidden_size"])
@@ -93,12 +112,20 @@ class HLLM(SequentialRecommender):
         self._eval_items, self._eval_items_key = None, None
 
     # --- item vectors -------------------------------------------------------------------------------------------
+    def _frozen_table(self, config, dataset):
+        """``[n_items, D]`` by internal id: the side-data cache's vectors (``side_data``), or the item LLM's over the
+        prompt texts, cached under its fingerprint (``prompt``)."""
+        if self.item_text == "side_data":
+            return side_data_item_vectors(dataset, config)
+        return frozen_item_table(ItemLLM(config, dataset).to(config["device"]), config)
+
     def item_vectors(self, items):
-        """``[*items.shape, D]``: the vectors of ``items``, through the item LLM (once per distinct id)."""
+        """``[*items.shape, D]``: the vectors of ``items``, through the item LLM once per distinct id,
+        ``hllm_item_micro_batch`` items per pass."""
         if self.frozen:
             return self.item_table[items]
         distinct, inverse = torch.unique(items, return_inverse=True)
-        return self.item_llm(distinct)[inverse]
+        return self.item_llm.encode(distinct, self.item_micro_batch)[inverse]
 
     def _item_llm_state(self):
         """What the item vectors depend on: every item-LLM tensor's storage and in-place version counter, which
@@ -141,7 +168,8 @@ class HLLM(SequentialRecommender):
     def calculate_loss(self, interaction):
         item_seq, lengths, last_target = (interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
                                           interaction[self.POS_ITEM_ID])
-        negatives = uniform_items(self._local_negatives(), self.n_items, item_seq.device)
+        count = 0 if self.softmax else self._local_negatives()  # the softmax scores every item instead
+        negatives = uniform_items(count, self.n_items, item_seq.device)
         valid = interaction[self.target_list] > 0 if self.all_positions else None
         positives = interaction[self.target_list][valid] if self.all_positions else last_target
         fusion_negatives = sample_negatives(last_target, self.n_items) if self.late_fusion else last_target[:0]
@@ -150,12 +178,20 @@ class HLLM(SequentialRecommender):
         states = self.user_states(item_seq, vectors[0].view(*item_seq.shape, -1))
         outputs = self.user_to_item(states[:, : item_seq.size(1)])
         outputs = outputs[valid] if self.all_positions else self.gather_indexes(outputs, lengths - 1)
-        clamp_logit_scale(self.logit_scale)
-        loss = nce_loss(outputs, vectors[1], gather_negatives(vectors[2]), self.logit_scale, self.nce_thres)
+        loss = self.generative_loss(outputs, positives, vectors[1], vectors[2])
         if not self.late_fusion:
             return loss
         users = states[torch.arange(len(states), device=states.device), lengths]
         return self.fusion_loss(users, vectors[3], vectors[4]) + self.gen_weight * loss
+
+    def generative_loss(self, outputs, positives, positive_vectors, negative_vectors):
+        """``hllm_loss`` at the output rows: the softmax over every item, or InfoNCE against the negatives of all
+        ranks."""
+        clamp_logit_scale(self.logit_scale)
+        if self.softmax:
+            return softmax_loss(outputs, positives, self.item_table, self.logit_scale)
+        return nce_loss(outputs, positive_vectors, gather_negatives(negative_vectors), self.logit_scale,
+                        self.nce_thres)
 
     def fusion_loss(self, users, positives, negatives):
         """The late-fusion head's BCE: each user's next item has label 1, its sampled negative label 0."""
@@ -178,4 +214,4 @@ class HLLM(SequentialRecommender):
         users = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         if self.late_fusion:
             return self.fusion.score_all(users, self.all_item_vectors())
-        return F.normalize(users, dim=-1) @ F.normalize(self.all_item_vectors(), dim=-1).T
+        return cosines(users, self.all_item_vectors())
