@@ -30,6 +30,9 @@ setup(
         "pandas>=2",
         "scipy",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest", "matplotlib>=3.7"],  # so that the tests also draw benchmarks/compare.py's --plot
+        "plot": ["matplotlib>=3.7"],  # benchmarks/compare.py --plot
+    },
     entry_points={"console_scripts": ["run_recbole_llm=run_recbole_llm:main"]},
 )

@@ -1,7 +1,9 @@
 """Compare models under one protocol: metrics overall and by long-tail group, time, memory, parameters.
 
     python benchmarks/compare.py --dataset ml-1m-half --models SASRec,GRU4Rec,BERT4Rec \
-        [--config_files "protocol.yaml"] [--seeds 42,43,44] [--out results/ml-1m-half.md] [--append] [--key=value ...]
+        [--config_files "protocol.yaml"] [--seeds 42,43,44] [--out results/ml-1m-half.md] [--append] [--plot] \
+        [--key=value ...]
+    python benchmarks/compare.py --from_results results/ml-1m-half.md --plot   # re-draw the picture, run nothing
 
 A model entry may carry its own keys, for ablations: ``LLMESR_SASRec@llmesr_distill=False@llmesr_alpha=0.5`` is a
 row of its own, run with those keys on top of (and replacing) the shared ``--key=value`` arguments.
@@ -13,12 +15,18 @@ own defaults come from the property files as usual. The parent aggregates mean �
 Before any run, every entry's Config is built once (``--check``, hidden), so that an unknown model or key, or a value
 of the wrong type, stops the harness at once. A run that fails later is reported with its last error line and the
 others go on.
+
+Each section carries a machine-readable record of its rows (an HTML comment), and every write regenerates the
+summary table at the top of the file from the records of all its sections. ``--plot`` also draws the valid metric of
+each model per long-tail group beside its backbone, into ``<out without .md>.png``; it needs the optional matplotlib
+(``pip install 'recbole-llm[plot]'``).
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -33,6 +41,20 @@ PROTOCOL_KEYS = ("eval_args", "metrics", "topk", "valid_metric", "epochs", "stop
                  "llm_exclude_history",
                  "loss_type", "train_neg_sample_args", "llm_head_ratio", "llm_tail_user_threshold",
                  "llm_tail_item_threshold", "metric_decimal_place", "reproducibility", "device")
+# The test groups of the summary record and the plot, "overall" being the plain metric key.
+LONG_TAIL_GROUPS = ("overall", "tail_item", "head_item", "tail_user", "head_user")
+# The model each LLM model enhances, the row its gain is measured against; a model not listed is its own backbone.
+BACKBONES = {
+    "LLMESR_SASRec": "SASRecAP", "DualLLMSASRec": "SASRecAP",
+    "LLMESR_GRU4Rec": "GRU4RecAP", "DualLLMGRU4Rec": "GRU4RecAP",
+    "LLMESR_Bert4Rec": "BERT4RecAP", "DualLLMBert4Rec": "BERT4RecAP",
+    "HLLM": "SASRecAP", "SLMRec": "SASRec", "RecLoRA": "DIN",
+}
+RECORD = re.compile(r"^<!-- compare-rows: (.*) -->$", re.MULTILINE)  # one per section, its rows as JSON
+SUMMARY_START = "<!-- compare-summary: regenerated from the compare-rows records each time compare.py writes -->"
+SUMMARY_END = "<!-- /compare-summary -->"
+SECTION_HEADING = "### Overall metrics (test)"  # once in every section compare.py writes, records or not
+PLOT_MISSING = "--plot needs matplotlib: pip install 'recbole-llm[plot]'"
 RESERVED_KEYS = ("model", "dataset", "seed", "config_files")  # set by the harness, not by --key=value
 COST_COLUMNS = (  # (worker field, header, format)
     ("train_s_per_epoch", "train s/epoch", "{:.2f}"),
@@ -367,6 +389,198 @@ def split_protocol(runs):
     return common, differing
 
 
+# ---------------------------------------------------------------- the summary: records in sections, one table on top
+
+def model_of(entry):
+    """The model of a ``--models`` entry, without its own keys: ``LLMESR_SASRec@k=v`` -> ``LLMESR_SASRec``."""
+    return entry.split("@", 1)[0]
+
+
+def backbone_of(entry):
+    """The model a ``--models`` entry enhances (``LLMESR_SASRec@k=v`` -> ``SASRecAP``); None for a stock model."""
+    return BACKBONES.get(model_of(entry))
+
+
+def group_key(metric, group):
+    """The result key of ``metric`` in a long-tail group: ``ndcg@10[tail_item]``, or ``ndcg@10`` for overall."""
+    return metric if group == "overall" else f"{metric}[{group}]"
+
+
+def section_record(dataset, runs, valid_metric):
+    """What the summary and the plot need of one section: per entry, its seeds, epochs and per-seed metric values.
+
+    The metric is the entry's own ``valid_metric`` (the section's when no run of it succeeded), lowercased as in
+    RecBole's result; the values are the test results, one per successful seed.
+    """
+    rows = []
+    for name, entry in aggregate(runs).items():
+        done = [run for run in runs if run["model"] == name and run["result"]]
+        metric = (done[0]["result"]["protocol"].get("valid_metric") if done else None) or valid_metric
+        metric = metric.lower()
+        rows.append({"model": name, "metric": metric, "seeds": [run["seed"] for run in done],
+                     "failed_seeds": [seed for seed, _ in entry["failed"]], "epochs": entry["cost"]["epochs"],
+                     "values": {g: entry["test"].get(group_key(metric, g), []) for g in LONG_TAIL_GROUPS}})
+    return {"dataset": dataset, "rows": rows}
+
+
+def record_comment(record):
+    """The record as a one-line HTML comment; ``>`` is escaped so that no value can close the comment early."""
+    payload = json.dumps(record).replace(">", "\\u003e")  # JSON reads the escape back as ">"
+    return f"<!-- compare-rows: {payload} -->"
+
+
+def read_records(text):
+    """``(records, sections without one)`` of a results file; a section of the older format or with an unreadable
+    record is counted, not fatal, so that appending to an old file still works."""
+    records = []
+    for match in RECORD.finditer(text):
+        try:
+            records.append(json.loads(match.group(1)))
+        except json.JSONDecodeError:
+            pass
+    return records, max(text.count(f"\n{SECTION_HEADING}\n") - len(records), 0)
+
+
+def summary_rows(records):
+    """Every record's rows in file order, each with its dataset and section index."""
+    return [{**row, "dataset": record["dataset"], "section": index}
+            for index, record in enumerate(records) for row in record["rows"]]
+
+
+def backbone_row(row, rows):
+    """The row to measure ``row`` against: its backbone's, with the same dataset and metric, from the same section
+    if there is one there, else the latest in the file; the plain backbone before one with keys of its own."""
+    backbone = backbone_of(row["model"])
+    candidates = [r for r in rows if model_of(r["model"]) == backbone and r["values"]["overall"]
+                  and (r["dataset"], r["metric"]) == (row["dataset"], row["metric"])]
+    pool = [r for r in candidates if r["section"] == row["section"]] or candidates
+    return ([r for r in pool if r["model"] == backbone] or pool or [None])[-1]
+
+
+def relative_change(values, reference):
+    """``'+4.1%'``: the change of the mean of ``values`` against the mean of ``reference``; ``—`` if undefined."""
+    if not values or not reference or not statistics.mean(reference):
+        return "—"
+    return f"{(statistics.mean(values) / statistics.mean(reference) - 1) * 100:+.1f}%"
+
+
+def _range_cell(values):
+    """``'20'``, or ``'18–20'`` when the seeds stopped at different epochs; ``—`` when none was measured."""
+    if not values:
+        return "—"
+    low, high = min(values), max(values)
+    return f"{low:g}" if low == high else f"{low:g}–{high:g}"
+
+
+def _seeds_cell(row):
+    """``'42, 43'``, with the seeds whose run failed after them: ``'42 (43 failed)'``."""
+    failed = f" ({', '.join(map(str, row['failed_seeds']))} failed)" if row["failed_seeds"] else ""
+    return (", ".join(map(str, row["seeds"])) or "none") + failed
+
+
+def summary_table(rows):
+    """One line per row: the test metric overall and on tail items, their change against the backbone, the epochs
+    run and the seeds."""
+    header = ["model", "backbone", "metric", "test overall", "test tail_item", "vs backbone",
+              "tail_item vs backbone", "epochs run", "seeds"]
+    lines = []
+    for row in rows:
+        overall, tail = row["values"]["overall"], row["values"]["tail_item"]
+        reference = backbone_row(row, rows) if row["seeds"] else None
+        changes = [relative_change(v, reference["values"][g]) if reference else "—"
+                   for v, g in ((overall, "overall"), (tail, "tail_item"))]
+        metric_cells = [format_mean_std(overall), format_mean_std(tail)] if row["seeds"] else ["failed", "—"]
+        lines.append([row["model"], backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
+                      _range_cell(row["epochs"]), _seeds_cell(row)])
+    return markdown_table(header, lines)
+
+
+def render_summary(text):
+    """The summary block for a results file whose sections are ``text``: a table over every record's rows."""
+    records, without = read_records(text)
+    rows = summary_rows(records)
+    out = [SUMMARY_START, "## Summary", ""]
+    if rows:
+        out += [summary_table(rows), "",
+                "Test results at the best validation epoch, mean ± std over the seeds; the metric is each run's "
+                "valid_metric. The change is that of the mean against the backbone's row of the same section, "
+                "else against its latest row in this file."]
+    else:
+        out.append("No section of this file carries a record of its rows.")
+    if without:
+        out += ["", f"{without} section(s) of this file were written before these records existed and are not in "
+                "the table."]
+    return "\n".join(out + [SUMMARY_END])
+
+
+def with_summary(text):
+    """``text`` with its summary regenerated: removed if present, then put back under the title line."""
+    body = re.sub(rf"{re.escape(SUMMARY_START)}.*?{re.escape(SUMMARY_END)}\n*", "", text, flags=re.DOTALL)
+    title, _, rest = body.partition("\n") if body.startswith("# ") else ("", "", body)
+    return (f"{title}\n\n" if title else "") + render_summary(rest) + "\n\n" + rest.lstrip("\n")
+
+
+# ---------------------------------------------------------------- the plot (matplotlib, an optional extra)
+
+def import_pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display); ImportError when it is not installed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_rows(rows):
+    """The rows to draw: the latest of each entry that has results, each backbone before the models it enhances."""
+    latest = list({row["model"]: row for row in rows if row["seeds"]}.values())
+
+    def family(row):  # the backbone a row is drawn beside: its own, or itself
+        return backbone_of(row["model"]) or model_of(row["model"])
+    families = list(dict.fromkeys(map(family, latest)))
+    return sorted(latest, key=lambda row: (families.index(family(row)), backbone_of(row["model"]) is not None))
+
+
+def plot_summary(rows, path):
+    """A grouped bar chart at ``path``: per long-tail group, one bar per model (mean, std over the seeds as error
+    bar), backbones hatched; one panel per metric. Returns the panels' Axes, [] (and no file) if nothing to draw."""
+    rows = plot_rows(rows)
+    if not rows:
+        return []
+    plt = import_pyplot()
+    metrics = list(dict.fromkeys(row["metric"] for row in rows))
+    figure, axes = plt.subplots(len(metrics), 1, squeeze=False, figsize=(10, 4 * len(metrics)))
+    for ax, metric in zip(axes[:, 0], metrics):
+        series = [row for row in rows if row["metric"] == metric]
+        backbones = {backbone_of(row["model"]) for row in series}
+        width = 0.8 / len(series)
+        for index, row in enumerate(series):
+            stats = [mean_std(row["values"][g]) if row["values"][g] else (float("nan"), 0.0) for g in LONG_TAIL_GROUPS]
+            is_backbone = model_of(row["model"]) in backbones
+            ax.bar([x + (index - (len(series) - 1) / 2) * width for x in range(len(LONG_TAIL_GROUPS))],
+                   [mean for mean, _ in stats], width, yerr=[std for _, std in stats], capsize=2,
+                   hatch="//" if is_backbone else None, label=row["model"] + (" (backbone)" if is_backbone else ""))
+        ax.set_xticks(range(len(LONG_TAIL_GROUPS)), LONG_TAIL_GROUPS)
+        ax.set_ylabel(f"test {metric}")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return list(axes[:, 0])
+
+
+def plot_path(results_path):
+    """The PNG beside a results file: ``results/x.md`` -> ``results/x.png``."""
+    return os.path.splitext(results_path)[0] + ".png"
+
+
+def plot_results_file(results_path):
+    """Draw the plot of an existing results file from its records; the PNG path, or None with nothing to draw."""
+    with open(results_path, encoding="utf-8") as f:
+        rows = summary_rows(read_records(f.read())[0])
+    path = plot_path(results_path)
+    return path if plot_summary(rows, path) else None
+
+
 def render_section(args, command, runs, now=None):
     """The Markdown section of one comparison: context, protocol, the three tables and the failures."""
     import yaml
@@ -383,6 +597,7 @@ def render_section(args, command, runs, now=None):
                f"recbole {env.get('recbole', '?')}, device {env['device']}"
                + (f" ({env['gpu']})" if env.get("gpu") else ""))
     out = [f"## {', '.join(models)} on {args.dataset}, seeds {args.seeds}", "",
+           record_comment(section_record(args.dataset, runs, valid_metric)), "",
            f"- Date: {now:%Y-%m-%d %H:%M %Z}", f"- Machine: {machine}", f"- Command: `{command}`"]
     if first.get("dataset"):
         d = first["dataset"]
@@ -424,27 +639,45 @@ def render_section(args, command, runs, now=None):
 
 
 def write_report(path, dataset, section, append):
-    """Overwrite ``path`` with a title and the section, or with ``append`` add the section to it."""
+    """Overwrite ``path`` with a title and the section, or with ``append`` add the section to it; either way the
+    summary on top is regenerated from every section's record.
+
+    The file is replaced in one rename, so that a failed write cannot lose the sections already in it.
+    """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if append and os.path.isfile(path):
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n" + section)
+        with open(path, encoding="utf-8") as f:
+            text = f.read() + "\n" + section
     else:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(f"# Model comparison on {dataset}\n\n{section}")
+        text = f"# Model comparison on {dataset}\n\n{section}"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(with_summary(text))
+    os.replace(path + ".tmp", path)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="Any other --key=value is passed to every run's RecBole Config.")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--models", required=True, help="comma-separated, e.g. SASRec,GRU4Rec,BERT4Rec")
+    parser.add_argument("--dataset")
+    parser.add_argument("--models", help="comma-separated, e.g. SASRec,GRU4Rec,BERT4Rec")
     parser.add_argument("--config_files", default=None, help="space-separated YAML files given to every run")
     parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds (default 42,43,44)")
     parser.add_argument("--out", default=None, help="Markdown file (default results/<dataset>.md)")
     parser.add_argument("--append", action="store_true", help="add a section to --out instead of overwriting it")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best-model checkpoint")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw each model against its backbone per long-tail group, into <out>.png")
+    parser.add_argument("--from_results", default=None, metavar="FILE.md",
+                        help="with --plot: re-draw the plot of an existing results file, run nothing")
     args, extra = parser.parse_known_args(argv)
+    if args.from_results:
+        if not args.plot:
+            parser.error("--from_results only re-draws the plot: add --plot")
+        if not os.path.isfile(args.from_results):
+            parser.error(f"results file {args.from_results!r} does not exist")
+        return args
+    if not args.dataset or not args.models:
+        parser.error("the following arguments are required: --dataset, --models")
     for arg in extra:
         key = arg[2:].split("=", 1)[0]
         if not arg.startswith("--") or "=" not in arg:
@@ -464,12 +697,32 @@ def parse_args(argv):
     return args
 
 
+def plot_available():
+    """Whether matplotlib imports; if not, print the one line that says how to install it."""
+    try:
+        import_pyplot()
+    except ImportError:
+        print(PLOT_MISSING, file=sys.stderr)
+        return False
+    return True
+
+
+def report_plot(path):
+    """Say where the plot went, or that the file had no run to draw; True when it was drawn."""
+    print(f"plot written to {path}" if path else "no run with results to plot")
+    return path is not None
+
+
 def main(argv):
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
     if argv[:1] == ["--check"]:
         return check_main(argv[1:])
     args = parse_args(argv)
+    if args.plot and not plot_available():  # before any run: the picture must not fail hours in
+        return 2
+    if args.from_results:
+        return 0 if report_plot(plot_results_file(args.from_results)) else 1
     models = [m for m in args.models.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     problems = check_entries(models, args.dataset, args.config_files, args.extra)
@@ -481,6 +734,8 @@ def main(argv):
     print("\n" + section)
     write_report(args.out, args.dataset, section, args.append)
     print(f"written to {args.out}")
+    if args.plot:
+        report_plot(plot_results_file(args.out))
     return 1 if any(run["result"] is None for run in runs) else 0
 
 

@@ -45,6 +45,14 @@ def runs_of(compare):
     ]
 
 
+def split_report(compare, text):
+    """``(title line, summary block, the sections after it)`` of a results file."""
+    title, rest = text.split("\n\n", 1)
+    summary, sections = rest.split(compare.SUMMARY_END + "\n\n", 1)
+    assert summary.startswith(compare.SUMMARY_START)
+    return title, summary, sections
+
+
 def test_mean_std_by_hand(compare):
     mean, std = compare.mean_std([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2)
@@ -134,9 +142,11 @@ def test_protocol_split_and_report(compare, tmp_path):
     out = tmp_path / "sub" / "toy.md"
     compare.write_report(str(out), "toy", "section one\n", append=True)  # a missing file gets the title
     compare.write_report(str(out), "toy", "section two\n", append=True)
-    assert out.read_text() == "# Model comparison on toy\n\nsection one\n\nsection two\n"
+    title, summary, sections = split_report(compare, out.read_text())
+    assert title == "# Model comparison on toy" and sections == "section one\n\nsection two\n"
+    assert "No section of this file carries a record of its rows." in summary
     compare.write_report(str(out), "toy", "fresh\n", append=False)
-    assert out.read_text() == "# Model comparison on toy\n\nfresh\n"
+    assert split_report(compare, out.read_text())[2] == "fresh\n"
 
 
 def test_worker_command_carries_the_protocol(compare):
@@ -199,3 +209,115 @@ def test_prefix_and_all_positions_protocols_differ_only_in_the_sample_mode_and_i
     differing = {key for key in prefix.keys() | all_positions.keys() if prefix.get(key) != all_positions.get(key)}
     assert differing == {"llm_train_mode", "train_batch_size"}
     assert (prefix["llm_train_mode"], all_positions["llm_train_mode"]) == ("prefix", "all_positions")
+
+
+# ---------------------------------------------------------------- the summary table and the plot
+
+def ranked(model, seed, overall, tail_item, epochs=20):
+    """A successful run of a sequential model with all four groups; head and user groups follow from ``overall``."""
+    groups = {"tail_item": tail_item, "head_item": overall + 0.01, "tail_user": overall - 0.01,
+              "head_user": overall + 0.02}
+    summary = result(model.split("@")[0], seed, overall, 0.0, 0.0, 10.0, 100.0)
+    summary["test"] = {"ndcg@10": overall, **{f"ndcg@10[{g}]": v for g, v in groups.items()}}
+    summary.update(epochs=epochs, protocol={"valid_metric": "NDCG@10"})
+    return {"model": model, "seed": seed, "result": summary, "error": None}
+
+
+def backbone_and_variant():
+    """SASRecAP: overall 0.10/0.12, tail 0.02/0.04; its LLM-ESR variant: 0.11/0.13, tail 0.03/0.05; HLLM failed."""
+    variant = "LLMESR_SASRec@llmesr_alpha=0.01"
+    return [ranked("SASRecAP", 1, 0.10, 0.02), ranked("SASRecAP", 2, 0.12, 0.04),
+            ranked(variant, 1, 0.11, 0.03, epochs=18), ranked(variant, 2, 0.13, 0.05, epochs=20),
+            {"model": "HLLM", "seed": 1, "result": None, "error": "RuntimeError: boom"}]
+
+
+def section_of(compare, runs, dataset="toy"):
+    args = SimpleNamespace(dataset=dataset, seeds="1,2", config_files=None, extra=[])
+    return compare.render_section(args, "python benchmarks/compare.py ...", runs)
+
+
+def test_backbone_mapping(compare):
+    expected = {"LLMESR_SASRec": "SASRecAP", "DualLLMSASRec": "SASRecAP", "LLMESR_GRU4Rec": "GRU4RecAP",
+                "DualLLMGRU4Rec": "GRU4RecAP", "LLMESR_Bert4Rec": "BERT4RecAP", "DualLLMBert4Rec": "BERT4RecAP",
+                "HLLM": "SASRecAP", "SLMRec": "SASRec", "RecLoRA": "DIN"}
+    assert {model: compare.backbone_of(model) for model in expected} == expected
+    assert compare.backbone_of("LLMESR_GRU4Rec@llmesr_alpha=0.5@epochs=3") == "GRU4RecAP"
+    for stock in ("SASRec", "SASRecAP", "GRU4Rec", "DIN"):
+        assert compare.backbone_of(stock) is None
+
+
+def test_summary_table_by_hand(compare):
+    """Means, sample std and the change against the backbone, computed by hand from the fake runs."""
+    records, without = compare.read_records(section_of(compare, backbone_and_variant()))
+    assert without == 0 and len(records) == 1
+    lines = compare.summary_table(compare.summary_rows(records)).splitlines()
+    assert lines[0] == ("| model | backbone | metric | test overall | test tail_item | vs backbone | "
+                        "tail_item vs backbone | epochs run | seeds |")
+    # std of (0.10, 0.12) = sqrt(2 * 0.01^2 / 1) = 0.0141; 0.12 / 0.11 - 1 = +9.1%; 0.04 / 0.03 - 1 = +33.3%
+    assert lines[2] == "| SASRecAP | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |"
+    assert lines[3] == ("| LLMESR_SASRec@llmesr_alpha=0.01 | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | "
+                        "0.0400 ± 0.0141 | +9.1% | +33.3% | 18–20 | 1, 2 |")
+    assert lines[4] == "| HLLM | SASRecAP | ndcg@10 | failed | — | — | — | — | none (1 failed) |"
+    assert compare.relative_change([0.09], [0.1]) == "-10.0%"
+    assert compare.relative_change([0.1], [0.0]) == compare.relative_change([0.1], []) == "—"
+
+
+def test_a_record_survives_any_model_name(compare):
+    record = {"dataset": "toy", "rows": [{"model": "A@x=-->", "values": {}}]}
+    comment = compare.record_comment(record)
+    assert "-->" not in comment[:-3] and "\n" not in comment
+    assert compare.read_records(f"## section\n\n{comment}\n")[0] == [record]
+
+
+def test_summary_covers_every_appended_section(compare, tmp_path):
+    """An old section without a record keeps its place and is named under the summary; the rows of both new sections
+    are in it, and a backbone found only in the first section is the reference of the second."""
+    out = tmp_path / "toy.md"
+    out.write_text("# Model comparison on toy\n\nhand-written notes\n\n## old run\n\n### Overall metrics (test)\n\n"
+                   "| model |\n", encoding="utf-8")
+    compare.write_report(str(out), "toy", section_of(compare, backbone_and_variant()[:2]), append=True)
+    second = [ranked("LLMESR_SASRec", 1, 0.121, 0.02), ranked("GRU4RecAP", 1, 0.05, 0.01)]
+    compare.write_report(str(out), "toy", section_of(compare, second), append=True)
+    title, summary, sections = split_report(compare, out.read_text(encoding="utf-8"))
+    assert title == "# Model comparison on toy"
+    assert sections.startswith("hand-written notes\n\n## old run\n")
+    assert sections.count(compare.SUMMARY_START) == 0 and sections.count("<!-- compare-rows: ") == 2
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| SASRecAP", "| LLMESR_SASRec", "| GRU4RecAP"]
+    assert rows[1].split(" | ")[5:7] == ["+10.0%", "-33.3%"]  # 0.121 / 0.11, 0.02 / 0.03: the first SASRecAP
+    assert "1 section(s) of this file were written before these records existed" in summary
+    compare.write_report(str(out), "toy", section_of(compare, second), append=False)
+    assert "were written before" not in split_report(compare, out.read_text(encoding="utf-8"))[1]
+
+
+def test_plot_is_a_png_with_a_bar_per_model_and_group(compare, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "toy.md"
+    runs = backbone_and_variant() + [ranked("GRU4RecAP", 1, 0.05, 0.01)]
+    compare.write_report(str(out), "toy", section_of(compare, runs), append=False)
+    axes = compare.plot_summary(compare.summary_rows(compare.read_records(out.read_text())[0]), str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(axes) == 1  # one metric, one panel
+    bars = [container for container in axes[0].containers if hasattr(container, "patches")]
+    assert [bar.get_label() for bar in bars] == [
+        "SASRecAP (backbone)", "LLMESR_SASRec@llmesr_alpha=0.01", "GRU4RecAP"]  # the failed HLLM has no bars
+    assert [len(bar.patches) for bar in bars] == [5, 5, 5]
+    assert [tick.get_text() for tick in axes[0].get_xticklabels()] == list(compare.LONG_TAIL_GROUPS)
+    assert bars[0].patches[1].get_height() == pytest.approx(0.03)  # SASRecAP's mean on tail items
+    assert bars[0].patches[0].get_hatch() == "//" and bars[1].patches[0].get_hatch() is None
+    assert compare.main(["--from_results", str(out), "--plot"]) == 0
+    assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert compare.plot_summary([], str(tmp_path / "none.png")) == [] and not (tmp_path / "none.png").exists()
+
+
+def test_plot_without_matplotlib_stops_before_any_run(compare, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+
+    def no_run(*args):
+        raise AssertionError("a run started")
+    monkeypatch.setattr(compare, "check_entries", no_run)
+    monkeypatch.setattr(compare, "run_all", no_run)
+    assert compare.main(["--dataset", "d", "--models", "A", "--plot", "--out", "unused.md"]) == 2
+    assert capsys.readouterr().err.strip() == "--plot needs matplotlib: pip install 'recbole-llm[plot]'"
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--from_results", "x.md"])  # re-drawing is all it does: --plot is required
