@@ -119,6 +119,27 @@ def test_item_vector_and_item_llm_get_gradients_end_to_end(e2e):
     assert model.logit_scale.grad is not None
 
 
+def test_gradient_checkpointing_leaves_both_llms_gradients_unchanged(workdir):
+    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
+
+    model, _, train, _, _ = build(end_to_end(workdir))
+    batch = next(iter(train))
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same negatives in both passes
+        model.calculate_loss(batch).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.train()
+    plain = gradients()
+    enable_gradient_checkpointing(model)
+    assert model.user_llm.is_gradient_checkpointing and model.item_llm.llm.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and any(name.startswith("item_llm.llm.") for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
 def test_micro_batched_item_pass_gives_the_vectors_and_gradients_of_one_pass(e2e):
     model = e2e[0]
     model.eval()  # no dropout: both passes see the same network

@@ -2,7 +2,6 @@
 
 ``recbole_llm.model.sequential_recommender.hllm.HLLM`` puts them together; each part is small enough to test alone.
 """
-import contextlib
 import hashlib
 import math
 
@@ -14,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, Llam
 
 from recbole_llm.text.cache import FORMAT_VERSION, CacheEntry, cache_root
 from recbole_llm.text.encoders import is_decoder_only, encoder_path
+from recbole_llm.trainer.llm_trainer import autocast, compute_dtype
 from recbole_llm.text.templates import clean_text, read_item_file
 from recbole_llm.utils import RecBoleLLMError
 
@@ -117,19 +117,6 @@ def user_llm(config, item_dim):
     return model
 
 
-def configure_llm(model, device, gradient_checkpointing):
-    """Gradient checkpointing on CUDA when asked (a CPU run ignores it)."""
-    if gradient_checkpointing and device.type == "cuda" and model.supports_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def autocast(device, bf16):
-    """bfloat16 autocast on CUDA when ``bf16``; nothing on a CPU."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class ItemLLM(nn.Module):
     """The item LLM: every item's text, then a learnable [ITEM] vector; the item vector is the last layer's state
     at [ITEM] (``item`` pooling) or the mean over the text's tokens (``mean`` pooling, no [ITEM]).
@@ -159,7 +146,7 @@ class ItemLLM(nn.Module):
         if n_item_tokens:
             self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)  # N(0, 0.02), as the official init
         self.batch_size = config["hllm_item_batch_size"]
-        self.bf16 = config["hllm_bf16"]
+        self.dtype = compute_dtype(config)  # autocast here too, so that evaluation runs in it as training does
 
     def forward(self, items):
         """``[len(items), dim]``: the vectors of the internal item ids ``items``."""
@@ -170,7 +157,7 @@ class ItemLLM(nn.Module):
         if self.pooling == "item":
             embeds = torch.cat([embeds[:, :-1], self.item_token.to(embeds.dtype).expand(len(ids), 1, -1)], dim=1)
         positions = torch.arange(start, start + ids.size(1), device=ids.device).expand_as(ids)
-        with autocast(ids.device, self.bf16):
+        with autocast(self.dtype, ids.device):
             hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
         hidden = hidden.float()
         if self.pooling == "item":

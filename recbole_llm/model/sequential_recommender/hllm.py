@@ -12,12 +12,13 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.hllm_layers import (HEADS, ItemLLM, LateFusionHead, autocast, choice, clamp_logit_scale,
-                                           configure_llm, cosines, frozen_item_table, gather_negatives,
+from recbole_llm.model.hllm_layers import (HEADS, ItemLLM, LateFusionHead, choice, clamp_logit_scale,
+                                           cosines, frozen_item_table, gather_negatives,
                                            item_micro_batch, item_text_choice, loss_choice, nce_loss, softmax_loss,
                                            uniform_items, user_llm)
 from recbole_llm.model.layers import per_row_user_vectors, sample_negatives
 from recbole_llm.text import item_vectors as side_data_item_vectors
+from recbole_llm.trainer.llm_trainer import autocast, compute_dtype
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -68,8 +69,7 @@ class HLLM(SequentialRecommender):
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
     ``hllm_item_micro_batch``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``,
     ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``, ``hllm_loss``,
-    ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_bf16``,
-    ``hllm_gradient_checkpointing``, ``hllm_head``, ``hllm_gen_weight``, ``hllm_head_hidden_size``; and
+    ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``, ``hllm_gen_weight``, ``hllm_head_hidden_size``; and
     ``llm_train_mode``.
     """
 
@@ -88,7 +88,7 @@ class HLLM(SequentialRecommender):
         self.item_text = item_text_choice(config)
         self.softmax = loss_choice(config) == "softmax"
         self.item_micro_batch = item_micro_batch(config)
-        self.bf16 = config["hllm_bf16"]
+        self.dtype = compute_dtype(config)
         self.nce_thres = config["hllm_nce_thres"]
         self.num_negatives = config["hllm_num_negatives"] or (self.max_seq_length + 1) * config["train_batch_size"]
         if self.frozen:
@@ -97,9 +97,7 @@ class HLLM(SequentialRecommender):
         else:
             self.item_llm = ItemLLM(config, dataset)
             item_dim = self.item_llm.dim
-            configure_llm(self.item_llm.llm, config["device"], config["hllm_gradient_checkpointing"])
         self.user_llm = user_llm(config, item_dim)
-        configure_llm(self.user_llm, config["device"], config["hllm_gradient_checkpointing"])
         user_dim = self.user_llm.config.hidden_size
         self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
         self.user_to_item = nn.Linear(user_dim, item_dim) if user_dim != item_dim else nn.Identity()
@@ -112,6 +110,10 @@ class HLLM(SequentialRecommender):
         self._eval_items, self._eval_items_key = None, None
 
     # --- item vectors -------------------------------------------------------------------------------------------
+    def gradient_checkpointing_modules(self):
+        """Both LLMs (the user LLM only when the item table is frozen), for ``llm_gradient_checkpointing``."""
+        return [self.user_llm] + ([] if self.frozen else [self.item_llm.llm])
+
     def _frozen_table(self, config, dataset):
         """``[n_items, D]`` by internal id: the side-data cache's vectors (``side_data``), or the item LLM's over the
         prompt texts, cached under its fingerprint (``prompt``)."""
@@ -152,7 +154,7 @@ class HLLM(SequentialRecommender):
             slot = F.one_hot(mask.sum(1), item_seq.size(1) + 1).bool()  # the first position after the items
             inputs = torch.where(slot[..., None], self.user_token, F.pad(inputs, (0, 0, 0, 1)))
             mask = F.pad(mask, (0, 1)) | slot
-        with autocast(item_seq.device, self.bf16):
+        with autocast(self.dtype, item_seq.device):
             hidden = self.user_llm(inputs_embeds=inputs, attention_mask=mask.long()).last_hidden_state
         return hidden.float()
 
