@@ -48,3 +48,30 @@ def test_two_process_run_returns_a_result_and_one_checkpoint_that_reloads(workdi
     assert len(checkpoints) == 1  # rank 0 saves; both ranks name the same file
     config, reloaded, *_ = load_data_and_model(str(checkpoints[0]))
     assert config["model"] == model and type(reloaded).__name__ == model
+
+
+@pytest.mark.parametrize("model", ["HLLM", "SLMRec"])
+def test_fsdp_shards_the_llm_and_trains_as_ddp_does(workdir, model):
+    """One epoch under FSDP and under DDP from the same init ends at the same weights (up to float sums)."""
+    import torch
+
+    from recbole_llm.utils import read_checkpoint
+
+    states, output = {}, ""
+    for sharding in ("none", "fsdp"):
+        saved = workdir / f"saved-{model}-{sharding}"
+        values = tiny_config(workdir, checkpoint_dir=str(saved), llm_sharding=sharding, state="INFO", **METRICS,
+                             **model_keys(workdir, model))
+        config_file = write_yaml(workdir / f"{model}-{sharding}.yaml", values)
+        proc = run_python(["run_recbole_llm.py", f"--model={model}", "--dataset=test", f"--config_files={config_file}",
+                           "--nproc=2", f"--port={free_port()}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        output = proc.stdout + proc.stderr
+        (checkpoint,) = saved.glob("*.pth")
+        states[sharding] = read_checkpoint(str(checkpoint))["state_dict"]
+        config, reloaded, *_ = load_data_and_model(str(checkpoint))  # one process reads the full state dict
+        assert type(reloaded).__name__ == model
+    assert "llm_sharding fsdp: " in output  # the last run was sharded
+    assert states["fsdp"].keys() == states["none"].keys()
+    for key, value in states["none"].items():
+        torch.testing.assert_close(states["fsdp"][key], value, atol=1e-5, rtol=1e-4, msg=key)

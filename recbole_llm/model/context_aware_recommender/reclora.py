@@ -152,8 +152,8 @@ class RecLoRA(AbstractRecommender):
         self.lora = self._lora_banks(config)
         self.crm = None
 
-    def gradient_checkpointing_modules(self):
-        """The LLM, for ``llm_gradient_checkpointing``."""
+    def llm_modules(self):
+        """The LLM, for ``llm_gradient_checkpointing`` and ``llm_sharding``."""
         return [self.llm]
 
     def _position_limit(self):

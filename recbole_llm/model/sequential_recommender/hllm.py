@@ -110,8 +110,8 @@ class HLLM(SequentialRecommender):
         self._eval_items, self._eval_items_key = None, None
 
     # --- item vectors -------------------------------------------------------------------------------------------
-    def gradient_checkpointing_modules(self):
-        """Both LLMs (the user LLM only when the item table is frozen), for ``llm_gradient_checkpointing``."""
+    def llm_modules(self):
+        """Both LLMs (the user LLM only when the item table is frozen), for ``llm_gradient_checkpointing`` and ``llm_sharding``."""
         return [self.user_llm] + ([] if self.frozen else [self.item_llm.llm])
 
     def _frozen_table(self, config, dataset):

@@ -85,8 +85,8 @@ class SLMRec(SequentialRecommender):
         n_heads = len(self.blocks[:-1]) if config["slmrec_ms_weight"] > 0 else 0
         self.ms_heads = nn.ModuleList(nn.Linear(self.hidden_size, table.shape[1], bias=False) for _ in range(n_heads))
 
-    def gradient_checkpointing_modules(self):
-        """The LoRA-wrapped backbone, for ``llm_gradient_checkpointing``."""
+    def llm_modules(self):
+        """The LoRA-wrapped backbone, for ``llm_gradient_checkpointing`` and ``llm_sharding``."""
         return [self.backbone]
 
     def _init_prompt(self, config):
