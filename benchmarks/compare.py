@@ -104,8 +104,14 @@ def _instrument(stats):
         stats.update(config=config, model=model, trainer=trainer, test_rows=test_data.sample_size)
         trainer._train_epoch = _timed(trainer._train_epoch, stats["train_s"])
         valid_evaluate, test_evaluate = (_timed(trainer.evaluate, stats[key]) for key in ("valid_s", "test_s"))
-        trainer.evaluate = lambda data, *a, **kw: (test_evaluate if data is test_data else valid_evaluate)(
-            data, *a, **kw)
+
+        def evaluate(data, *args, **kwargs):
+            if data is test_data:
+                return test_evaluate(data, *args, **kwargs)
+            result = valid_evaluate(data, *args, **kwargs)
+            stats["valid_curve"].append(dict(result))  # one per validation, in epoch order
+            return result
+        trainer.evaluate = evaluate
         return trainer
 
     quick_start.create_dataset, quick_start._build_trainer = recording_create_dataset, timing_build_trainer
@@ -123,7 +129,7 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
 
     from recbole_llm.quick_start import run
 
-    stats = {"train_s": [], "valid_s": [], "test_s": []}
+    stats = {"train_s": [], "valid_s": [], "test_s": [], "valid_curve": []}
     _instrument(stats)
     result = run(model, dataset, config_file_list=config_files, saved=True)
     if result["saved_model_file"] and not keep_checkpoint:
@@ -139,6 +145,7 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
         "model": model, "seed": config["seed"],
         # RecBole returns no best-valid result when a run never validates (eval_step 0).
         "best_valid": dict(result["best_valid_result"] or {}), "test": dict(result["test_result"]),
+        "valid_curve": stats["valid_curve"],
         "train_s_per_epoch": statistics.mean(stats["train_s"]) if stats["train_s"] else None,
         "epochs": len(stats["train_s"]),
         "valid_eval_s": statistics.mean(stats["valid_s"]) if stats["valid_s"] else None,

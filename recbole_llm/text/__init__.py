@@ -8,8 +8,10 @@ from recbole_llm.text.side_data import (
     item_vectors,
     pca_item_vectors,
     similar_users,
+    time_ordered_histories,
     training_histories,
     user_vectors,
 )
 
-__all__ = ["SideData", "item_vectors", "pca_item_vectors", "similar_users", "training_histories", "user_vectors"]
+__all__ = ["SideData", "item_vectors", "pca_item_vectors", "similar_users", "time_ordered_histories",
+           "training_histories", "user_vectors"]

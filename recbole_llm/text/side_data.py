@@ -125,11 +125,13 @@ def user_vectors(dataset, config):
     return torch.from_numpy(_to_internal(users, _id_tokens(dataset, "user"), config, "user"))
 
 
-def similar_users(dataset, config, k):
+def similar_users(dataset, config, k=None):
     """``[n_users, k]`` internal ids of each user's ``k`` most similar other users (cosine of user vectors), most
-    similar first; row 0 ([PAD]) zeros. ``k`` is at most ``llm_similar_users``, the number cached."""
+    similar first; row 0 ([PAD]) zeros. ``k`` is at most ``llm_similar_users``, the number cached (None: all of
+    them)."""
     similar = SideData(config).similar(dataset)
     kept = similar.matrix.shape[1]
+    k = kept if k is None else k
     if k > kept:
         raise RecBoleLLMError(f"{k} similar users were asked for, but the cache keeps {kept} per user "
                               f"({similar.entry.matrix_file}); raise llm_similar_users (at most users - 1) or ask "
@@ -151,15 +153,25 @@ def training_histories(dataset, config):
     """
     held_out = _held_out_count(config)
     dataset = _unbuilt(dataset, config)
-    frame, time_field = dataset.inter_feat, config["TIME_FIELD"]
+    user_tokens, item_tokens = _id_tokens(dataset, "user"), _id_tokens(dataset, "item")
+    return {user_tokens[user]: item_tokens[items[:len(items) - min(held_out, len(items) - 1)]].tolist()
+            for user, items in _time_ordered(dataset).items()}
+
+
+def time_ordered_histories(dataset, config):
+    """``{internal user id: internal item ids (int64 array), oldest first}``: each user's whole history in RecBole's
+    time order (a stable sort of its float32 timestamps, ties in file order), users by internal id."""
+    return _time_ordered(_unbuilt(dataset, config))
+
+
+def _time_ordered(dataset):
+    frame = dataset.inter_feat
     users, items = frame[dataset.uid_field].to_numpy(), frame[dataset.iid_field].to_numpy()
-    order = recbole_time_order(frame[time_field].to_numpy())
+    order = recbole_time_order(frame[dataset.time_field].to_numpy())
     order = order[np.argsort(users[order], kind="stable")]
-    users, items = users[order], _id_tokens(dataset, "item")[items[order]]
+    users, items = users[order], items[order].astype(np.int64)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-    user_tokens = _id_tokens(dataset, "user")[users[starts]].tolist()
-    return {user: items[s:e - min(held_out, e - s - 1)].tolist() for user, s, e in zip(user_tokens, starts, ends)}
+    return dict(zip(users[starts].tolist(), np.split(items, starts[1:])))
 
 
 def _held_out_count(config):
