@@ -171,7 +171,7 @@ class Steps:
         self.loader, self.batches = loader, self._cycle(loader)
         self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
         self.seconds, self.samples, self.tokens, self._masks = [], [], [], []
-        for llm in model.gradient_checkpointing_modules():
+        for llm in model.llm_modules():
             llm.register_forward_pre_hook(lambda module, args, kwargs: self._masks.append(
                 kwargs["attention_mask"].sum()), with_kwargs=True)
 
