@@ -115,13 +115,16 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
-        for file in [props / "overall.yaml", *_model_yaml_files(model_class, props)]:
-            if file.is_file():
-                self._update_internal_config_dict(str(file))
-        for file in [*self._setting_files(props), props / "dataset" / f"{dataset}.yaml"]:
-            if file.is_file():
-                self._update_internal_config_dict(str(file))
+        self._layer([props / "overall.yaml", *_model_yaml_files(model_class, props)])
+        # the settings read the model's defaults, so they are chosen only now, then the dataset's file goes on top
+        self._layer([*self._setting_files(props), props / "dataset" / f"{dataset}.yaml"])
         self._drop_negatives_for_ce(model_class)
+
+    def _layer(self, files):
+        """Load each existing file of ``files`` over the defaults, in order."""
+        for file in files:
+            if file.is_file():
+                self._update_internal_config_dict(str(file))
 
     def _setting_files(self, props):
         """The preset of each ``<family>_setting`` key the model declares (``llmesr_setting: faithful`` ->
