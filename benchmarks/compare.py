@@ -454,14 +454,23 @@ def summary_rows(records):
             for index, record in enumerate(records) for row in record["rows"]]
 
 
+def protocol_overrides(entry):
+    """The keys of a ``--models`` entry that change the protocol (``PROTOCOL_KEYS``), e.g. llm_exclude_history."""
+    return sorted(key for key in split_variant(entry)[1] if key[2:].split("=", 1)[0] in PROTOCOL_KEYS)
+
+
 def backbone_row(row, rows):
     """The row to measure ``row`` against: its backbone's, with the same dataset and metric, from the same section
-    if there is one there, else the latest in the file; the plain backbone before one with keys of its own."""
-    backbone = backbone_of(row["model"])
+    if there is one there, else the latest in the file; one run under the same protocol keys as ``row`` first
+    (``HLLM@llm_exclude_history=False`` against ``SASRecAP@llm_exclude_history=False``), and among those the one
+    with no other keys of its own."""
+    backbone, protocol = backbone_of(row["model"]), protocol_overrides(row["model"])
     candidates = [r for r in rows if model_of(r["model"]) == backbone and r["values"]["overall"]
                   and (r["dataset"], r["metric"]) == (row["dataset"], row["metric"])]
     pool = [r for r in candidates if r["section"] == row["section"]] or candidates
-    return ([r for r in pool if r["model"] == backbone] or pool or [None])[-1]
+    same_protocol = [r for r in pool if protocol_overrides(r["model"]) == protocol] or pool
+    plain = [r for r in same_protocol if len(split_variant(r["model"])[1]) == len(protocol_overrides(r["model"]))]
+    return (plain or same_protocol or [None])[-1]
 
 
 def relative_change(values, reference):

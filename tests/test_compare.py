@@ -243,6 +243,17 @@ def test_backbone_mapping(compare):
         assert compare.backbone_of(stock) is None
 
 
+def test_backbone_row_runs_under_the_same_protocol_keys(compare):
+    def row(model, section=0):
+        return {"model": model, "dataset": "d", "metric": "ndcg@10", "section": section, "values": {"overall": [0.1]}}
+    rows = [row("SASRecAP"), row("SASRecAP@llm_exclude_history=False"), row("SASRecAP@learning_rate=0.01")]
+    pick = lambda model: compare.backbone_row(row(model), rows)["model"]  # noqa: E731
+    assert pick("HLLM") == "SASRecAP"
+    assert pick("HLLM@llm_exclude_history=False") == "SASRecAP@llm_exclude_history=False"
+    assert pick("HLLM@hllm_loss=softmax") == "SASRecAP"  # a model key is no protocol key
+    assert compare.backbone_row(row("HLLM", section=1), rows[2:])["model"] == "SASRecAP@learning_rate=0.01"
+
+
 def test_summary_table_by_hand(compare):
     """Means, sample std and the change against the backbone, computed by hand from the fake runs."""
     records, without = compare.read_records(section_of(compare, backbone_and_variant()))
