@@ -54,10 +54,11 @@ class PhaseHistories:
 
     def used_ids(self, phase):
         """RecBole's sampler format: per user id, the set of items a negative must not be."""
-        used = np.array([set() for _ in range(self.n_users)])
-        keys = self.used[phase].numpy()
-        for user, item in zip(keys // self.n_items, keys % self.n_items):
-            used[user].add(int(item))
+        keys = self.used[phase].numpy()  # sorted, so each user's items are one slice
+        bounds = np.searchsorted(keys // self.n_items, np.arange(self.n_users + 1))
+        items = (keys % self.n_items).tolist()
+        used = np.empty(self.n_users, dtype=object)
+        used[:] = [set(items[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]
         return used
 
 
