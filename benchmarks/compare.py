@@ -654,21 +654,32 @@ def render_section(args, command, runs, now=None):
     return "\n".join(out)
 
 
+def write_text_atomic(path, text):
+    """Replace the UTF-8 file ``path`` by ``text`` in one rename (the scripts here do not import the package, whose
+    ``recbole_llm.utils.atomic_target`` does the same, so that they start without torch)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def write_report(path, dataset, section, append):
     """Overwrite ``path`` with a title and the section, or with ``append`` add the section to it; either way the
     summary on top is regenerated from every section's record.
 
     The file is replaced in one rename, so that a failed write cannot lose the sections already in it.
     """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if append and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             text = f.read() + "\n" + section
     else:
         text = f"# Model comparison on {dataset}\n\n{section}"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(with_summary(text))
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, with_summary(text))
 
 
 def parse_args(argv):

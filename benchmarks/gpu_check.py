@@ -360,13 +360,6 @@ def render(command, machine, args, shapes, rows):
         compare.markdown_table(HEADER, rows), ""])
 
 
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per check, at least 2 (default 20)")
@@ -410,7 +403,7 @@ def main(argv):
             rows.append(row(name, what, result, error))
             print(f"{name}: {error or 'ok'}", flush=True)
     report = render(shlex.join(["python", "benchmarks/gpu_check.py", *argv]), machine, args, shapes, rows)
-    write_atomic(args.out, report)
+    compare.write_text_atomic(args.out, report)
     print("\n" + report + f"\nwritten to {args.out}")
     return 0
 

@@ -49,7 +49,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import _timed, last_error_line, markdown_table, parse_worker_output, worker_command  # noqa: E402
+from compare import (_timed, last_error_line, markdown_table, parse_worker_output, worker_command,  # noqa: E402
+                     write_text_atomic)
 
 PROTOCOL = "benchmarks/protocols/llmesr_paper.yaml"
 OUR_EXTRA = ("--loss_type=BCE",)  # the official loss, on top of the protocol file
@@ -338,13 +339,6 @@ def shown_argv(argv, official_dir):
     return [arg.replace(official_dir, "<clone of liuqidong07/LLM-ESR>") for arg in argv]
 
 
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 # ---------------------------------------------------------------- command line
 
 def _check_official_dir(parser, official_dir):
@@ -419,7 +413,7 @@ def main(argv):
         print(f"{model}: ours {ours.get('curve', ours.get('error'))}, official "
               f"{official.get('curve', official.get('error'))} ({time.perf_counter() - start:.0f} s)", flush=True)
     command = shlex.join(["python", "benchmarks/official_llmesr.py", *shown_argv(argv, args.official_dir)])
-    write_atomic(args.out, render_report(args, config, command, inputs, n_items, sections))
+    write_text_atomic(args.out, render_report(args, config, command, inputs, n_items, sections))
     print(f"written to {args.out}")
     return 1 if failed else 0
 

@@ -51,7 +51,7 @@ def measure(model_name, dataset, config_files, path):
 
 
 def table(rows, command, machine):
-    lines = [f"# Sampled evaluation: encoding each row against each distinct history once", "",
+    lines = ["# Sampled evaluation: encoding each row against each distinct history once", "",
              f"Command: `{command}`", "", f"Machine: {machine}", "",
              "| model | path | validation pass s | users/s | peak RSS MB | same metrics as per row |",
              "|---|---|---|---|---|---|"]

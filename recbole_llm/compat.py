@@ -150,18 +150,14 @@ def _atomic_checkpoint(save):
     def save_atomically(self, epoch, verbose=True, **kwargs):
         from recbole.utils import set_color
 
+        from recbole_llm.utils import atomic_target
+
         target = kwargs.pop("saved_model_file", self.saved_model_file)
-        folder, name = os.path.split(os.path.abspath(target))
-        temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-        try:
-            save(self, epoch, verbose=False, saved_model_file=temporary, **kwargs)
-            if os.path.exists(temporary):  # DDP ranks other than 0 write nothing
-                os.replace(temporary, target)
-                if verbose:
-                    self.logger.info(set_color("Saving current", "blue") + f": {target}")
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        with atomic_target(target) as temporary:
+            save(self, epoch, verbose=False, saved_model_file=str(temporary), **kwargs)
+            written = temporary.exists()  # DDP ranks other than 0 write nothing
+        if written and verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {target}")
 
     save_atomically.__recbole_llm_patched__ = True
     return save_atomically

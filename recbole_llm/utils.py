@@ -1,8 +1,10 @@
 """Model, trainer and dataset resolution: the plugin first, then RecBole (the RecBole-GNN pattern)."""
+import contextlib
 import importlib
 import os
 import pkgutil
 import socket
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,6 +45,22 @@ def read_checkpoint(path, what="checkpoint", hint="pass the .pth file a training
         raise RecBoleLLMError(f"{what} '{path}' holds {kind}, not a RecBole checkpoint (no 'config' and "
                               f"'state_dict'); {hint}.")
     return checkpoint
+
+
+@contextlib.contextmanager
+def atomic_target(path):
+    """A temporary path beside ``path`` for the block to write. When the block ends without error, the file it
+    wrote is renamed over ``path`` in one step (a block that writes nothing, such as a DDP rank other than 0,
+    renames nothing); the temporary file never outlives the block. Readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield temporary
+        if temporary.exists():
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def config_choice(config, key, allowed):

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from recbole.data import data_preparation
-from recbole.data.interaction import Interaction
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from recbole.utils import init_seed
 

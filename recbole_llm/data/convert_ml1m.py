@@ -11,12 +11,12 @@ Usage::
 """
 
 import argparse
-import os
 import re
 import sys
 import time
-import uuid
 from pathlib import Path
+
+from recbole_llm.utils import atomic_target
 
 RAW_ENCODING = "latin-1"
 
@@ -71,18 +71,12 @@ def write_atomic(path, header, rows):
     same folder so ``os.replace`` stays a rename on one file system; readers
     never see a half-written file.
     """
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     count = 0
-    try:
-        with open(tmp_path, "x", encoding="utf-8", newline="\n") as handle:
-            handle.write("\t".join(header) + "\n")
-            for row in rows:
-                handle.write("\t".join(row) + "\n")
-                count += 1
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as temporary, open(temporary, "x", encoding="utf-8", newline="\n") as handle:
+        handle.write("\t".join(header) + "\n")
+        for row in rows:
+            handle.write("\t".join(row) + "\n")
+            count += 1
     return count
 
 

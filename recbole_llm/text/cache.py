@@ -25,8 +25,6 @@ finds it built and loads it.
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import numpy as np
 import recbole
 from filelock import FileLock
 
-from recbole_llm.utils import RecBoleLLMError
+from recbole_llm.utils import RecBoleLLMError, atomic_target
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +179,5 @@ def _verify(path, recorded):
 
 
 def _write_atomic(path, write):
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is shared like the data beside it
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as temporary, open(temporary, "wb") as f:
+        write(f)

@@ -23,7 +23,6 @@ Defaults are in properties/overall.yaml; each model's YAML sets those of its off
 """
 import contextlib
 import math
-import os
 import warnings
 
 import torch
@@ -32,7 +31,7 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llm.utils import RecBoleLLMError, config_choice, read_checkpoint
+from recbole_llm.utils import RecBoleLLMError, atomic_target, config_choice, read_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -253,12 +252,11 @@ class LLMTrainer(Trainer):
         if torch.distributed.get_rank() != 0:
             return
         target = kwargs.get("saved_model_file", self.saved_model_file)
-        temporary = f"{target}.{os.getpid()}.tmp"  # never a half-written checkpoint under the real name
-        torch.save({"config": self.config, "epoch": epoch, "cur_step": self.cur_step,
-                    "best_valid_score": self.best_valid_score, "state_dict": model_state,
-                    "other_parameter": self.model.other_parameter(), "optimizer": optimizer_state},
-                   temporary, pickle_protocol=4)
-        os.replace(temporary, target)
+        with atomic_target(target) as temporary:
+            torch.save({"config": self.config, "epoch": epoch, "cur_step": self.cur_step,
+                        "best_valid_score": self.best_valid_score, "state_dict": model_state,
+                        "other_parameter": self.model.other_parameter(), "optimizer": optimizer_state},
+                       temporary, pickle_protocol=4)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {target}")
 
