@@ -294,6 +294,22 @@ def test_llm_score_weight_scales_only_the_semantic_dot_product(data_dir):
     assert torch.allclose(plain.full_sort_predict(batch), id_part + llm_part, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_Bert4Rec"])
+def test_input_scale_switch_multiplies_only_the_item_embedding(data_dir, model):
+    scaled, batch, *_ = build(data_dir, model)
+    plain, *_ = build(data_dir, model, llmesr_input_scale=False)
+    plain.load_state_dict(scaled.state_dict())
+    scaled.eval(), plain.eval()
+    seq = batch[scaled.ITEM_SEQ][:4]
+    items = scaled.item_embedding(seq)
+    positions = scaled.position_embedding(torch.arange(seq.size(1)).expand_as(seq))
+    for net, factor in ((scaled, math.sqrt(scaled.view_size)), (plain, 1.0)):
+        hand = F.layer_norm(items * factor + positions, (net.view_size,), net.LayerNorm.weight, net.LayerNorm.bias,
+                            net.LayerNorm.eps)
+        assert torch.allclose(net._view_input(items, seq), hand, atol=1e-6)
+    assert not torch.allclose(scaled.full_sort_predict(batch), plain.full_sort_predict(batch))
+
+
 def test_item_profile_neighbours_are_the_nearest_mean_item_vectors(data_dir):
     net, *_ = build(data_dir, llmesr_sim_user_source="items", llmesr_sim_user_num=3)
     seqs = net.user_seq[1:]
@@ -309,9 +325,10 @@ def test_item_profile_neighbours_are_the_nearest_mean_item_vectors(data_dir):
 
 def test_faithful_setting_restores_the_official_switches_under_the_users_keys(data_dir):
     switches = ("llmesr_cross_residual", "llmesr_cross_norm", "llmesr_init", "llmesr_llm_score_weight",
-                "llmesr_sim_user_source", "llmesr_alpha")
+                "llmesr_sim_user_source", "llmesr_alpha", "llmesr_input_scale")
     official = {"llmesr_cross_residual": False, "llmesr_cross_norm": False, "llmesr_init": "backbone",
-                "llmesr_llm_score_weight": 1.0, "llmesr_sim_user_source": "text", "llmesr_alpha": 0.1}
+                "llmesr_llm_score_weight": 1.0, "llmesr_sim_user_source": "text", "llmesr_alpha": 0.1,
+                "llmesr_input_scale": True}
     faithful = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful"))
     assert {key: faithful[key] for key in switches} == official
     assert faithful["llmesr_cross_attention"] and faithful["llmesr_distill"]  # the paper's model keeps both

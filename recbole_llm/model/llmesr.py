@@ -217,12 +217,17 @@ class DualLLM:
 
 
 class TransformerViews:
-    """The input pipeline of LLM-ESR's transformer backbones: scale by sqrt(width), add the shared position
-    embedding, then the backbone's own LayerNorm and dropout."""
+    """The input pipeline of LLM-ESR's transformer backbones: scale by sqrt(width) (``llmesr_input_scale``, as the
+    official code; off, the item embedding enters unscaled as in RecBole's SASRec and BERT4Rec), add the shared
+    position embedding, then the backbone's own LayerNorm and dropout."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.input_scale = math.sqrt(self.view_size) if config["llmesr_input_scale"] else 1.0
 
     def _view_input(self, item_emb, item_seq):
         positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
-        x = item_emb * math.sqrt(self.view_size) + self.position_embedding(positions)
+        x = item_emb * self.input_scale + self.position_embedding(positions)
         return self.dropout(self.LayerNorm(x))
 
 
