@@ -22,6 +22,7 @@ each model per long-tail group beside its backbone, into ``<out without .md>.png
 (``pip install 'recbole-llm[plot]'``).
 """
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -253,20 +254,36 @@ def parse_worker_output(returncode, stdout, stderr):
     return None, last_error_line(returncode, stderr, stdout)
 
 
-def run_all(models, seeds, dataset, config_files, extra, keep_checkpoints=False):
-    """Every (model, seed) in its own process; a list of ``{model, seed, result, error}``."""
-    runs = []
-    for model in models:
-        for seed in seeds:
-            start = time.perf_counter()
-            done = subprocess.run(worker_command(model, dataset, seed, config_files, extra, keep_checkpoints),
-                                  capture_output=True, text=True)
-            result, error = parse_worker_output(done.returncode, done.stdout, done.stderr)
-            runs.append({"model": model, "seed": seed, "result": result, "error": error})
-            status = "ok" if result else f"FAILED: {error}"
-            print(f"[{len(runs)}/{len(models) * len(seeds)}] {model} seed {seed}: {status} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return runs
+def worker_env(jobs):
+    """The environment of a worker: with ``jobs`` workers at once, each gets an equal share of the CPU threads
+    (``OMP_NUM_THREADS``) unless the caller set it, so that parallel workers do not oversubscribe the cores."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def run_all(models, seeds, dataset, config_files, extra, keep_checkpoints=False, jobs=1):
+    """Every (model, seed) in its own process, ``jobs`` at a time; a list of ``{model, seed, result, error}`` in
+    (model, seed) order whatever order they finish in."""
+    pairs = [(model, seed) for model in models for seed in seeds]
+    env = worker_env(jobs)
+    finished = []
+
+    def one(pair):
+        model, seed = pair
+        start = time.perf_counter()
+        done = subprocess.run(worker_command(model, dataset, seed, config_files, extra, keep_checkpoints),
+                              capture_output=True, text=True, env=env)
+        result, error = parse_worker_output(done.returncode, done.stdout, done.stderr)
+        finished.append(pair)
+        status = "ok" if result else f"FAILED: {error}"
+        print(f"[{len(finished)}/{len(pairs)}] {model} seed {seed}: {status} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        return {"model": model, "seed": seed, "result": result, "error": error}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, pairs))
 
 
 def mean_std(values):
@@ -692,6 +709,9 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="Markdown file (default results/<dataset>.md)")
     parser.add_argument("--append", action="store_true", help="add a section to --out instead of overwriting it")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best-model checkpoint")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each with an equal share of the CPU threads (default 1; the cost "
+                             "columns of parallel runs share the machine)")
     parser.add_argument("--plot", action="store_true",
                         help="also draw each model against its backbone per long-tail group, into <out>.png")
     parser.add_argument("--from_results", default=None, metavar="FILE.md",
@@ -705,6 +725,8 @@ def parse_args(argv):
         return args
     if not args.dataset or not args.models:
         parser.error("the following arguments are required: --dataset, --models")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give at least 1")
     for arg in extra:
         key = arg[2:].split("=", 1)[0]
         if not arg.startswith("--") or "=" not in arg:
@@ -756,7 +778,7 @@ def main(argv):
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2
-    runs = run_all(models, seeds, args.dataset, args.config_files, args.extra, args.keep_checkpoints)
+    runs = run_all(models, seeds, args.dataset, args.config_files, args.extra, args.keep_checkpoints, args.jobs)
     section = render_section(args, shlex.join(["python", "benchmarks/compare.py", *argv]), runs)
     print("\n" + section)
     write_report(args.out, args.dataset, section, args.append)

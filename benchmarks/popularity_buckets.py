@@ -1,0 +1,144 @@
+"""Test metrics of saved checkpoints by the popularity of the target item, in buckets.
+
+The long-tail groups of every run split the items in two at one threshold (``llm_head_ratio``: on ml-1m-half,
+items with fewer than 213 training users are "tail"). That tail still holds well-trained items. This script
+re-evaluates best-model checkpoints on the test targets of several popularity buckets, so that one sees where
+an LLM-enhanced model gains or loses against its backbone, down to the items with a handful of users.
+
+    python benchmarks/popularity_buckets.py --bounds 20,50,100,213 --metric ndcg@10 \\
+        --checkpoints SASRecAP=saved/a.pth SASRecAP=saved/b.pth LLMESR_SASRec=saved/c.pth \\
+        --baseline SASRecAP --out results/ml-1m-half-popularity.md
+
+Each ``LABEL=path`` is one checkpoint (``compare.py --keep_checkpoints`` keeps them); checkpoints under one label
+(seeds) give mean ± std. A bucket ``[a, b)`` holds the test rows whose target has at least ``a`` and fewer than
+``b`` distinct training users (the same count as the long-tail groups). Each checkpoint is evaluated as its run
+was: the same loaders, the same history exclusion, full ranking or sampled.
+"""
+import argparse
+import os
+import shlex
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import markdown_table, write_text_atomic  # noqa: E402
+
+
+class PopularityBuckets:
+    """Long-tail groups of the evaluator, one per bucket ``[low, high)`` of training popularity."""
+
+    def __init__(self, item_popularity, bounds):
+        self.item_popularity = item_popularity
+        self.edges = [0, *bounds, None]
+
+    def names(self):
+        return [bucket_name(low, high) for low, high in zip(self.edges, self.edges[1:])]
+
+    def masks(self, users, items):
+        popularity = self.item_popularity[items]
+        return {bucket_name(low, high): (popularity >= low) & (True if high is None else popularity < high)
+                for low, high in zip(self.edges, self.edges[1:])}
+
+
+def bucket_name(low, high):
+    return f"{low}+" if high is None else f"{low}-{high - 1}"
+
+
+def evaluate_buckets(model_file, bounds, metric):
+    """``({'all': value, bucket: value}, {bucket: test rows})`` of one checkpoint."""
+    from recbole_llm.quick_start import _build_trainer, load_data_and_model
+
+    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, console_log=False)
+    config["llm_group_metrics"] = True
+    trainer = _build_trainer(config, model, dataset, valid_data, test_data)
+    buckets = PopularityBuckets(trainer.evaluator.groups.item_popularity, bounds)
+    trainer.evaluator.groups = buckets
+    with torch.no_grad():
+        result = trainer.evaluate(test_data, load_best_model=False)
+    values = {"all": result[metric], **{name: result.get(f"{metric}[{name}]") for name in buckets.names()}}
+    return values, {name: trainer.evaluator.row_counts.get(name, 0) for name in buckets.names()}
+
+
+def _cell(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _change(values, reference):
+    values = [v for v in values if v is not None]
+    reference = [v for v in reference if v is not None]
+    if not values or not reference or not statistics.mean(reference):
+        return "—"
+    return f"{(statistics.mean(values) / statistics.mean(reference) - 1) * 100:+.1f}%"
+
+
+def report(results, counts, metric, baseline, command):
+    """The Markdown of ``results`` (``{label: [values per checkpoint]}``) and the bucket sizes ``counts``."""
+    columns = ["all", *counts]
+    header = ["model", "checkpoints", *[f"{c}" if c == "all" else f"{c} users ({counts[c]} rows)" for c in columns]]
+    rows = []
+    for label, runs in results.items():
+        rows.append([label, str(len(runs)), *[_cell([run[c] for run in runs]) for c in columns]])
+        if baseline in results and label != baseline:
+            rows.append([f"{label} vs {baseline}", "", *[_change([run[c] for run in runs],
+                                                                  [run[c] for run in results[baseline]])
+                                                         for c in columns]])
+    return "\n".join([
+        f"# Test {metric} by the target item's training popularity", "",
+        f"Command: `{command}`", "",
+        "Each bucket holds the test rows whose target item has that many distinct training users; 'all' is the "
+        "whole test set. Values are mean ± std over the checkpoints of a label (one per seed).", "",
+        markdown_table(header, rows), ""])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="LABEL=PATH",
+                        help="best-model checkpoints, each with the label of its row")
+    parser.add_argument("--bounds", default="20,50,100,213", help="ascending bucket bounds (default 20,50,100,213)")
+    parser.add_argument("--metric", default="ndcg@10", help="a metric key of the runs' results (default ndcg@10)")
+    parser.add_argument("--baseline", default=None, help="the label each other row is measured against")
+    parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
+    args = parser.parse_args(argv)
+    try:
+        args.bounds = [int(b) for b in args.bounds.split(",")]
+    except ValueError:
+        parser.error(f"--bounds {args.bounds!r}: give comma-separated integers, e.g. 20,50,100,213")
+    if args.bounds != sorted(set(args.bounds)) or args.bounds[0] <= 0:
+        parser.error(f"--bounds {args.bounds}: give distinct positive integers in ascending order")
+    pairs = []
+    for entry in args.checkpoints:
+        label, sep, path = entry.partition("=")
+        if not sep or not label or not os.path.isfile(path):
+            parser.error(f"--checkpoints {entry!r}: give LABEL=PATH with an existing checkpoint file")
+        pairs.append((label, path))
+    args.checkpoints = pairs
+    if args.baseline and args.baseline not in {label for label, _ in pairs}:
+        parser.error(f"--baseline {args.baseline!r} is not one of the checkpoints' labels")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    results, counts = {}, None
+    for label, path in args.checkpoints:
+        values, counts = evaluate_buckets(path, args.bounds, args.metric)
+        results.setdefault(label, []).append(values)
+        print(f"{label} {path}: " + ", ".join(f"{k} {v}" for k, v in values.items()), flush=True)
+    command = "python benchmarks/popularity_buckets.py " + " ".join(shlex.quote(a) for a in argv)
+    text = report(results, counts, args.metric, args.baseline, command)
+    print(text)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

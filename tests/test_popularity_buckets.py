@@ -1,0 +1,74 @@
+"""benchmarks/popularity_buckets.py: the buckets partition the test rows, and their metrics add up to the overall."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, tiny_config, write_tiny_dataset
+from recbole_llm.quick_start import run
+
+SCRIPT = REPO_ROOT / "benchmarks" / "popularity_buckets.py"
+
+
+@pytest.fixture(scope="module")
+def buckets_module():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports compare.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location("popularity_buckets", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("buckets")
+    write_tiny_dataset(tmp_path / "data")
+    # Enough training that the tiny model ranks some targets in its top 50 (non-zero NDCG).
+    config = tiny_config(tmp_path, train_neg_sample_args=None, metric_decimal_place=6, epochs=8, learning_rate=0.01,
+                         topk=[10, 50], metrics=["NDCG"], valid_metric="NDCG@50")
+    return run("SASRecAP", "test", config_dict=config)
+
+
+def test_masks_by_hand(buckets_module):
+    popularity = torch.tensor([0, 1, 5, 19, 20, 49, 50, 300])
+    buckets = buckets_module.PopularityBuckets(popularity, [20, 50])
+    masks = buckets.masks(None, torch.arange(8))
+    assert list(masks) == buckets.names() == ["0-19", "20-49", "50+"]
+    assert masks["0-19"].tolist() == [True, True, True, True, False, False, False, False]
+    assert masks["20-49"].tolist() == [False, False, False, False, True, True, False, False]
+    assert masks["50+"].tolist() == [False] * 6 + [True, True]
+
+
+def test_buckets_partition_the_test_rows_and_average_to_the_overall(buckets_module, checkpoint):
+    values, counts = buckets_module.evaluate_buckets(checkpoint["saved_model_file"], [3, 8], "ndcg@50")
+    assert values["all"] == pytest.approx(checkpoint["test_result"]["ndcg@50"], abs=1e-6)  # the run's own test
+    assert values["8+"] > values["all"] > 0  # the tiny model ranks only popular targets: buckets differ
+    total = sum(counts.values())
+    assert total > 0 and all(counts[name] > 0 for name in counts)  # the tiny data fills each bucket
+    weighted = sum(values[name] * counts[name] for name in counts) / total
+    assert weighted == pytest.approx(values["all"], abs=1e-5)
+
+
+def test_bad_arguments_name_the_fix(buckets_module, tmp_path):
+    with pytest.raises(SystemExit):
+        buckets_module.parse_args(["--checkpoints", f"A={tmp_path / 'missing.pth'}"])
+    with pytest.raises(SystemExit):
+        buckets_module.parse_args(["--checkpoints", f"A={SCRIPT}", "--bounds", "50,20"])
+    with pytest.raises(SystemExit):
+        buckets_module.parse_args(["--checkpoints", f"A={SCRIPT}", "--baseline", "B"])
+
+
+def test_report_has_a_row_per_label_and_the_change_against_the_baseline(buckets_module, checkpoint, tmp_path):
+    path = checkpoint["saved_model_file"]
+    out = tmp_path / "buckets.md"
+    buckets_module.main(["--checkpoints", f"A={path}", f"A={path}", f"B={path}", "--bounds", "3,8",
+                         "--metric", "ndcg@50", "--baseline", "A", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row[0].strip() for row in rows] == ["A", "B", "B vs A"]
+    assert rows[0][1].strip() == "2" and "± 0.0000" in rows[0][2]  # the same checkpoint twice: no spread
+    assert rows[2][2].strip() == "+0.0%" and rows[2][-1].strip() == "+0.0%"  # B is A's checkpoint
+    assert rows[2][3].strip() == "—"  # no change is defined against a zero NDCG
