@@ -329,3 +329,23 @@ def test_plot_without_matplotlib_stops_before_any_run(compare, monkeypatch, caps
     assert capsys.readouterr().err.strip() == "--plot needs matplotlib: pip install 'recbole-llm[plot]'"
     with pytest.raises(SystemExit):
         compare.parse_args(["--from_results", "x.md"])  # re-drawing is all it does: --plot is required
+
+
+def test_parallel_runs_keep_the_model_seed_order_and_share_the_threads(compare, monkeypatch):
+    """--jobs 2: the second seed finishes first, yet the runs come back in (model, seed) order, and each worker
+    gets half of the CPU threads unless the caller set OMP_NUM_THREADS."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 4)
+
+    def fake_worker(model, dataset, seed, config_files, extra, keep_checkpoints=False):
+        code = (f"import os, time, json; time.sleep({0.6 if seed == 1 else 0.0}); "
+                f"print({compare.MARKER!r} + json.dumps({{'seed': {seed}, "
+                f"'threads': os.environ.get('OMP_NUM_THREADS')}}))")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(compare, "worker_command", fake_worker)
+    runs = compare.run_all(["A"], [1, 2], "d", None, [], jobs=2)
+    assert [(run["model"], run["seed"], run["result"]["seed"]) for run in runs] == [("A", 1, 1), ("A", 2, 2)]
+    assert {run["result"]["threads"] for run in runs} == {"2"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert compare.worker_env(2)["OMP_NUM_THREADS"] == "1"
