@@ -49,7 +49,9 @@ class DualLLM:
     Switches beyond the paper, each off in ``llmesr_setting: faithful`` (``properties/setting/llmesr_faithful.yaml``):
     ``llmesr_cross_residual`` adds each view's input to its cross-attention output instead of replacing it;
     ``llmesr_cross_norm`` puts a LayerNorm after it; ``llmesr_llm_score_weight`` weights the semantic view's dot
-    product in the score; ``llmesr_init: xavier`` is the official init of the adapter and cross-attention.
+    product in the score; ``llmesr_init: xavier`` is the official init of the adapter and cross-attention;
+    ``llmesr_input_scale: False`` (transformer backbones) drops the official sqrt(width) scaling of the item
+    embeddings, as RecBole's SASRec and BERT4Rec feed them.
     """
 
     llm_train_modes = ("prefix", "all_positions")
