@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 
 MARKER = "COMPARE_RESULT "  # prefix of the worker's one JSON line on stdout
 GROUPS = ("tail_user", "head_user", "tail_item", "head_item")  # recbole_llm.evaluator.GROUPS, without importing torch
@@ -233,16 +232,7 @@ def worker_command(entry, dataset, seed, config_files, extra, keep_checkpoints=F
     if config_files:
         cmd.append(f"--config_files={config_files}")
     cmd += [f"--seed={seed}", *_with_overrides(extra, overrides)]
-    if not any(arg.startswith("--llm_checkpoint_name=") for arg in cmd):
-        cmd.append(f"--llm_checkpoint_name={checkpoint_name(entry, seed)}")
     return cmd + (["--keep_checkpoints"] if keep_checkpoints else [])
-
-
-def checkpoint_name(entry, seed):
-    """A best-model file name of its own for each run: RecBole names checkpoints by model and start second, so two
-    runs started together (``--jobs``) would overwrite each other's and test the same model."""
-    readable = re.sub(r"[^A-Za-z0-9_.=-]+", "_", entry)[:80]
-    return f"{readable}-seed{seed}-{uuid.uuid4().hex[:8]}.pth"
 
 
 def last_error_line(returncode, stderr, stdout=""):

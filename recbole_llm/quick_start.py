@@ -5,6 +5,7 @@ Mirrors ``recbole.quick_start`` without importing it: that module imports ray, w
 import logging
 import os
 import sys
+import uuid
 from logging import getLogger
 
 import torch
@@ -26,8 +27,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, npr
     Returns the result dict of rank 0: best_valid_score, valid_score_bigger, best_valid_result, test_result.
     """
     config_dict = dict(config_dict or {})
-    # One checkpoint name for every rank: RecBole stamps each process's own clock into it.
-    config_dict.setdefault("llm_checkpoint_name", f"{model}-{get_local_time()}.pth")
+    config_dict.setdefault("llm_checkpoint_name", default_checkpoint_name(model))
     if nproc == 1 and world_size <= 0:
         return run_recbole_llm(model, dataset, config_file_list, config_dict, saved)
 
@@ -40,6 +40,13 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, npr
     kwargs = {"config_dict": config_dict, "saved": saved, "queue": queue}
     mp.spawn(run_recbole_llms, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
     return None if queue.empty() else queue.get()
+
+
+def default_checkpoint_name(model):
+    """``<model>-<time>-<random>.pth``, chosen once per launch so that every DDP rank saves under the same name
+    (RecBole stamps each process's own clock into it). RecBole's time has one-second resolution: the random part
+    keeps two runs started in the same second (parallel seeds) from overwriting each other's best model."""
+    return f"{model}-{get_local_time()}-{uuid.uuid4().hex[:6]}.pth"
 
 
 def check_nproc(nproc):

@@ -206,6 +206,19 @@ run("SASRec", "test", config_dict={config!r})
 """
 
 
+def test_runs_started_in_the_same_second_get_checkpoints_of_their_own(checkpoint):
+    """RecBole names a best model '<model>-<time>.pth' to the second; parallel seeds would share one file and
+    then test the same model. The launcher's default name adds a random part, chosen once per launch."""
+    import re
+    from pathlib import Path
+
+    from recbole_llm.quick_start import default_checkpoint_name
+
+    names = {default_checkpoint_name("SASRec") for _ in range(20)}
+    assert len(names) == 20 and all(re.fullmatch(r"SASRec-.+-[0-9a-f]{6}\.pth", name) for name in names)
+    assert re.fullmatch(r"SASRec-.+-[0-9a-f]{6}\.pth", Path(checkpoint[0]).name)  # run() uses it
+
+
 def test_a_run_killed_while_saving_leaves_no_checkpoint_under_its_name(checkpoint, tmp_path):
     from conftest import REPO_ROOT, run_python
     from recbole_llm.quick_start import load_data_and_model, run
