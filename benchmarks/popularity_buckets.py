@@ -17,13 +17,12 @@ was: the same loaders, the same history exclusion, full ranking or sampled.
 import argparse
 import os
 import shlex
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import markdown_table, write_text_atomic  # noqa: E402
+from compare import format_mean_std, markdown_table, relative_change, write_text_atomic  # noqa: E402
 
 
 class PopularityBuckets:
@@ -61,21 +60,9 @@ def evaluate_buckets(model_file, bounds, metric):
     return values, {name: trainer.evaluator.row_counts.get(name, 0) for name in buckets.names()}
 
 
-def _cell(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def _change(values, reference):
-    values = [v for v in values if v is not None]
-    reference = [v for v in reference if v is not None]
-    if not values or not reference or not statistics.mean(reference):
-        return "—"
-    return f"{(statistics.mean(values) / statistics.mean(reference) - 1) * 100:+.1f}%"
+def _measured(runs, column):
+    """The values of ``column`` over ``runs``, leaving out a bucket that had no test row."""
+    return [run[column] for run in runs if run[column] is not None]
 
 
 def report(results, counts, metric, baseline, command):
@@ -84,10 +71,10 @@ def report(results, counts, metric, baseline, command):
     header = ["model", "checkpoints", *[f"{c}" if c == "all" else f"{c} users ({counts[c]} rows)" for c in columns]]
     rows = []
     for label, runs in results.items():
-        rows.append([label, str(len(runs)), *[_cell([run[c] for run in runs]) for c in columns]])
+        rows.append([label, str(len(runs)), *[format_mean_std(_measured(runs, c)) for c in columns]])
         if baseline in results and label != baseline:
-            rows.append([f"{label} vs {baseline}", "", *[_change([run[c] for run in runs],
-                                                                  [run[c] for run in results[baseline]])
+            rows.append([f"{label} vs {baseline}", "", *[relative_change(_measured(runs, c),
+                                                                         _measured(results[baseline], c))
                                                          for c in columns]])
     return "\n".join([
         f"# Test {metric} by the target item's training popularity", "",
