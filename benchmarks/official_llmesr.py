@@ -31,9 +31,10 @@
      - ``torch.autograd.set_detect_anomaly(True)`` at import is switched off again (same numbers, much faster);
      - ``numpy.Inf``, gone in numpy 2, is restored as an alias of ``numpy.inf`` for its early stopper.
      The official ``LLMESR_SASRec`` runs as shipped: minutes per epoch and about 11 GB on ml-1m-half.
-3. **Report.** Per model, the validation NDCG@10 (uni100) of each epoch, ours against the official one, and the test
-   NDCG@10 of each side's best validation epoch, into ``--out`` (default ``results/<dataset>-official.md``),
-   written to a temporary file and renamed.
+3. **Report.** Per model, the validation NDCG@10 (uni100) of each epoch, ours against the official one, the test
+   NDCG@10 of each side's best validation epoch, and each side's training seconds per epoch and peak RSS, into
+   ``--out`` (default ``results/<dataset>-official.md``), written to a temporary file and renamed. Every run is a
+   process of its own, so ``OMP_NUM_THREADS=1`` in the environment compares the two on one thread each.
 """
 import argparse
 import datetime
@@ -43,6 +44,7 @@ import os
 import pickle
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -163,7 +165,8 @@ def _official_parser(official_dir):
 
 def run_official(official_dir, model, flags):
     """Train and validate the official class ``model`` as its ``main.py`` would, in the current folder (which holds
-    ``data/<dataset>/handled/``); return ``{train_s, threads}``. Its log goes to ``log/<dataset>/<model>/``."""
+    ``data/<dataset>/handled/``); return ``{train_s, threads, peak_rss_mb}``. Its log goes to
+    ``log/<dataset>/<model>/``."""
     import numpy
     import torch
 
@@ -194,7 +197,8 @@ def run_official(official_dir, model, flags):
     trainer._train_one_epoch = _timed(trainer._train_one_epoch, train_s)
     trainer.train()
     log_manager.end_log()
-    return {"train_s": train_s, "threads": torch.get_num_threads()}
+    return {"train_s": train_s, "threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
 def official_worker_main(argv):
@@ -236,7 +240,7 @@ def official_log_path(workdir, dataset, model):
 
 
 def run_official_side(args, model, flags):
-    """``{curve, test, train_s_per_epoch, threads}`` of the official class, or ``{error}``."""
+    """``{curve, test, train_s_per_epoch, threads, peak_rss_mb}`` of the official class, or ``{error}``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--official_worker", f"--official_dir={args.official_dir}",
            f"--workdir={args.workdir}", f"--model={model}", "--", *flags]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -247,11 +251,13 @@ def run_official_side(args, model, flags):
     with open(official_log_path(args.workdir, args.dataset, model), encoding="utf-8") as f:
         curve, test = parse_official_log(f.read())
     return {"curve": [curve.get(epoch) for epoch in range(args.epochs)], "test": test,
-            "train_s_per_epoch": sum(result["train_s"]) / len(result["train_s"]), "threads": result["threads"]}
+            "train_s_per_epoch": sum(result["train_s"]) / len(result["train_s"]), "threads": result["threads"],
+            "peak_rss_mb": result["peak_rss_mb"]}
 
 
 def run_our_side(args, entry, metric):
-    """``{curve, test, train_s_per_epoch, threads}`` of our entry through compare.py's worker, or ``{error}``."""
+    """``{curve, test, train_s_per_epoch, threads, peak_rss_mb}`` of our entry through compare.py's worker, or
+    ``{error}``."""
     extra = [*OUR_EXTRA, f"--epochs={args.epochs}", *args.extra]
     done = subprocess.run(worker_command(entry, args.dataset, args.seed, PROTOCOL, extra),
                           capture_output=True, text=True)
@@ -260,7 +266,8 @@ def run_our_side(args, entry, metric):
         return {"error": error}
     curve = [result.get(metric) for result in summary["valid_curve"]]
     return {"curve": (curve + [None] * args.epochs)[:args.epochs], "test": summary["test"].get(metric),
-            "train_s_per_epoch": summary["train_s_per_epoch"], "threads": summary["env"]["threads"]}
+            "train_s_per_epoch": summary["train_s_per_epoch"], "threads": summary["env"]["threads"],
+            "peak_rss_mb": summary["peak_rss_mb"]}
 
 
 # ---------------------------------------------------------------- the report
@@ -271,6 +278,15 @@ def _cell(value):
 
 def _difference(ours, official):
     return "—" if ours is None or official is None else f"{ours - official:+.4f}"
+
+
+def cost_line(ours, official):
+    """Each side's training seconds per epoch, torch threads and peak RSS of its whole process, and how many times
+    faster ours trains."""
+    sides = [f"{name} {side['train_s_per_epoch']:.1f} s/epoch on {side['threads']} torch thread(s), peak RSS "
+             f"{side['peak_rss_mb']:,.0f} MB" for name, side in (("ours", ours), ("official", official))]
+    return (f"Training cost: {'; '.join(sides)}; ours is "
+            f"{official['train_s_per_epoch'] / ours['train_s_per_epoch']:.1f}× as fast.")
 
 
 def pair_section(model, ours, official):
@@ -285,8 +301,7 @@ def pair_section(model, ours, official):
     rows.append(["test, best valid epoch", _cell(ours["test"]), _cell(official["test"]),
                  _difference(ours["test"], official["test"])])
     out += [markdown_table(["epoch", "ours valid NDCG@10", "official valid NDCG@10", "ours − official"], rows), "",
-            f"Train s/epoch: ours {ours['train_s_per_epoch']:.1f} (torch threads: {ours['threads']}), official "
-            f"{official['train_s_per_epoch']:.1f} (torch threads: {official['threads']}).", ""]
+            cost_line(ours, official), ""]
     return "\n".join(out)
 
 

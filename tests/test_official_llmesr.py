@@ -152,7 +152,15 @@ def test_our_side_gives_the_valid_ndcg_of_every_epoch(official, tiny_bert, tmp_p
     ours = official.run_our_side(args, official.PAIRS["SASRec_seq"][1], "ndcg@10")
     assert "error" not in ours, ours["error"]
     assert len(ours["curve"]) == 2 and all(0 <= value <= 1 for value in ours["curve"] + [ours["test"]])
-    assert ours["train_s_per_epoch"] > 0 and ours["threads"] >= 1
+    assert ours["train_s_per_epoch"] > 0 and ours["threads"] >= 1 and ours["peak_rss_mb"] > 0
+
+
+def test_cost_line_gives_each_sides_time_threads_memory_and_the_speed_up(official):
+    line = official.cost_line({"train_s_per_epoch": 50.0, "threads": 1, "peak_rss_mb": 1500.4},
+                              {"train_s_per_epoch": 600.0, "threads": 2, "peak_rss_mb": 11000.0})
+    assert "ours 50.0 s/epoch on 1 torch thread(s), peak RSS 1,500 MB" in line
+    assert "official 600.0 s/epoch on 2 torch thread(s), peak RSS 11,000 MB" in line
+    assert line.endswith("ours is 12.0× as fast.")
 
 
 @pytest.mark.skipif(not OFFICIAL_DIR, reason="LLMESR_OFFICIAL_DIR names no clone of liuqidong07/LLM-ESR")
@@ -164,3 +172,5 @@ def test_one_epoch_of_both_sides_on_the_tiny_dataset(official, tiny_bert, tmp_pa
     report = out.read_text(encoding="utf-8")
     assert re.search(r"^\| 0 \| 0\.\d{4} \| 0\.\d{4} \| [+-]0\.\d{4} \|$", report, flags=re.MULTILINE)
     assert "## DualLLMSASRec" in report and OFFICIAL_DIR not in report
+    assert re.search(r"^Training cost: ours [0-9.]+ s/epoch .* peak RSS [0-9,]+ MB; official .* as fast\.$", report,
+                     flags=re.MULTILINE)
