@@ -17,13 +17,17 @@ of the wrong type, stops the harness at once. A run that fails later is reported
 others go on.
 
 Each section carries a machine-readable record of its rows (an HTML comment), and every write regenerates the
-summary table at the top of the file from the records of all its sections. ``--plot`` also draws the valid metric of
+summary table at the top of the file from the records of all its sections. The record keeps the section's protocol:
+the contents of its config files, its ``--key=value`` arguments and a digest of the package's code. The runs of one
+entry in sections with the same protocol are pooled by seed into one summary row, so that seeds run one at a time
+(``--seeds 43 --append``, in another session) give one mean ± std. ``--plot`` also draws the valid metric of
 each model per long-tail group beside its backbone, into ``<out without .md>.png``; it needs the optional matplotlib
 (``pip install 'recbole-llm[plot]'``).
 """
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -57,6 +61,8 @@ SUMMARY_END = "<!-- /compare-summary -->"
 SECTION_HEADING = "### Overall metrics (test)"  # once in every section compare.py writes, records or not
 PLOT_MISSING = "--plot needs matplotlib: pip install 'recbole-llm[plot]'"
 RESERVED_KEYS = ("model", "dataset", "seed", "config_files")  # set by the harness, not by --key=value
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_TREES = (("recbole_llm", ".py"), ("properties", ".yaml"))  # what a run's results depend on, of this repository
 COST_COLUMNS = (  # (worker field, header, format)
     ("train_s_per_epoch", "train s/epoch", "{:.2f}"),
     ("epochs", "epochs run", "{:g}"),
@@ -430,11 +436,44 @@ def group_key(metric, group):
     return metric if group == "overall" else f"{metric}[{group}]"
 
 
-def section_record(dataset, runs, valid_metric):
-    """What the summary and the plot need of one section: per entry, its seeds, epochs and per-seed metric values.
+def _digest(chunks):
+    """The first 12 hex digits of the SHA-256 of the byte strings ``chunks``."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def code_digest(root=REPO_ROOT):
+    """A digest of the package's code and property files (``CODE_TREES``), names and contents."""
+    chunks = []
+    for tree, suffix in CODE_TREES:
+        for folder, subfolders, files in os.walk(os.path.join(root, tree)):
+            subfolders.sort()
+            for name in sorted(f for f in files if f.endswith(suffix)):
+                path = os.path.join(folder, name)
+                chunks += [os.path.relpath(path, root).encode(), b"\0", _file_bytes(path), b"\0"]
+    return _digest(chunks)
+
+
+def run_protocol(config_files, extra):
+    """What two sections must share for their runs of one entry to be pooled by seed in the summary: the contents
+    of the config files, the command-line keys of every run, and the package's code (``code_digest``)."""
+    return {"config_files": {path: _digest([_file_bytes(path)]) for path in (config_files or "").split()},
+            "keys": sorted(extra), "code": code_digest()}
+
+
+def section_record(dataset, runs, valid_metric, protocol=None):
+    """What the summary and the plot need of one section: per entry, its seeds, epochs and per-seed metric values,
+    and the section's ``run_protocol``.
 
     The metric is the entry's own ``valid_metric`` (the section's when no run of it succeeded), lowercased as in
-    RecBole's result; the values are the test results, one per successful seed.
+    RecBole's result; the values are the test results, one per successful seed, in the order of ``seeds``.
     """
     rows = []
     for name, entry in aggregate(runs).items():
@@ -444,7 +483,7 @@ def section_record(dataset, runs, valid_metric):
         rows.append({"model": name, "metric": metric, "seeds": [run["seed"] for run in done],
                      "failed_seeds": [seed for seed, _ in entry["failed"]], "epochs": entry["cost"]["epochs"],
                      "values": {g: entry["test"].get(group_key(metric, g), []) for g in LONG_TAIL_GROUPS}})
-    return {"dataset": dataset, "rows": rows}
+    return {"dataset": dataset, "rows": rows, "protocol": protocol}
 
 
 def record_comment(record):
@@ -466,9 +505,51 @@ def read_records(text):
 
 
 def summary_rows(records):
-    """Every record's rows in file order, each with its dataset and section index."""
-    return [{**row, "dataset": record["dataset"], "section": index}
-            for index, record in enumerate(records) for row in record["rows"]]
+    """Every record's rows in file order, each with its dataset, section index and protocol, those of one entry
+    under one protocol pooled (``pooled_rows``)."""
+    return pooled_rows([{**row, "dataset": record["dataset"], "section": index, "protocol": record.get("protocol")}
+                        for index, record in enumerate(records) for row in record["rows"]])
+
+
+def _pool_key(row):
+    """Rows with the same key are runs of one entry, dataset and metric under one protocol; None: pooled with none
+    (a record written before protocols were recorded)."""
+    if not row.get("protocol"):
+        return None
+    return row["dataset"], row["model"], row["metric"], json.dumps(row["protocol"], sort_keys=True)
+
+
+def merge_by_seed(members):
+    """One row of the seeds of ``members`` (in file order): a seed measured in several keeps its latest values, and
+    a seed that failed counts as failed only if it never succeeded. The row has the place of the last member."""
+    by_seed = {}
+    for row in members:
+        for i, seed in enumerate(row["seeds"]):
+            by_seed[seed] = {"epochs": row["epochs"][i:i + 1],
+                             "values": {g: v[i:i + 1] for g, v in row["values"].items()}}
+    seeds = sorted(by_seed)
+    failed = sorted({seed for row in members for seed in row["failed_seeds"]} - set(seeds))
+    return {**members[-1], "seeds": seeds, "failed_seeds": failed,
+            "epochs": [e for seed in seeds for e in by_seed[seed]["epochs"]],
+            "values": {g: [v for seed in seeds for v in by_seed[seed]["values"].get(g, [])]
+                       for g in members[-1]["values"]}}
+
+
+def pooled_rows(rows):
+    """``rows`` with the runs of one entry under one protocol (``_pool_key``), from any number of sections, merged
+    into one row by seed, so that seeds run at different times make one mean ± std."""
+    groups = {}
+    for row in rows:
+        if _pool_key(row) is not None:
+            groups.setdefault(_pool_key(row), []).append(row)
+    out = []
+    for row in rows:
+        members = groups.get(_pool_key(row)) if _pool_key(row) is not None else None
+        if members is None:
+            out.append(row)
+        elif row is members[-1]:
+            out.append(merge_by_seed(members) if len(members) > 1 else row)
+    return out
 
 
 def protocol_overrides(entry):
@@ -477,14 +558,15 @@ def protocol_overrides(entry):
 
 
 def backbone_row(row, rows):
-    """The row to measure ``row`` against: its backbone's, with the same dataset and metric, from the same section
-    if there is one there, else the latest in the file; one run under the same protocol keys as ``row`` first
-    (``HLLM@llm_exclude_history=False`` against ``SASRecAP@llm_exclude_history=False``), and among those the one
-    with no other keys of its own."""
+    """The row to measure ``row`` against: its backbone's, with the same dataset and metric, under the same recorded
+    protocol (``run_protocol``) if there is one, else from the same section, else the latest in the file; one run
+    under the same protocol keys as ``row`` first (``HLLM@llm_exclude_history=False`` against
+    ``SASRecAP@llm_exclude_history=False``), and among those the one with no other keys of its own."""
     backbone, protocol = backbone_of(row["model"]), protocol_overrides(row["model"])
     candidates = [r for r in rows if model_of(r["model"]) == backbone and r["values"]["overall"]
                   and (r["dataset"], r["metric"]) == (row["dataset"], row["metric"])]
-    pool = [r for r in candidates if r["section"] == row["section"]] or candidates
+    pool = ([r for r in candidates if row.get("protocol") and r.get("protocol") == row["protocol"]]
+            or [r for r in candidates if r["section"] == row["section"]] or candidates)
     same_protocol = [r for r in pool if protocol_overrides(r["model"]) == protocol] or pool
     plain = [r for r in same_protocol if len(split_variant(r["model"])[1]) == len(protocol_overrides(r["model"]))]
     return (plain or same_protocol or [None])[-1]
@@ -536,8 +618,10 @@ def render_summary(text):
     if rows:
         out += [summary_table(rows), "",
                 "Test results at the best validation epoch, mean ± std over the seeds; the metric is each run's "
-                "valid_metric. The change is that of the mean against the backbone's row of the same section, "
-                "else against its latest row in this file."]
+                "valid_metric. The runs of one entry in sections with the same protocol (the config files' contents, "
+                "the command-line keys and the package's code) are pooled by seed into one row, a seed run twice "
+                "counting once, with its latest run. The change is that of the mean against the backbone's row "
+                "under the same protocol, else of the same section, else against its latest row in this file."]
     else:
         out.append("No section of this file carries a record of its rows.")
     if without:
@@ -630,7 +714,8 @@ def render_section(args, command, runs, now=None):
                f"recbole {env.get('recbole', '?')}, device {env['device']}"
                + (f" ({env['gpu']})" if env.get("gpu") else ""))
     out = [f"## {', '.join(models)} on {args.dataset}, seeds {args.seeds}", "",
-           record_comment(section_record(args.dataset, runs, valid_metric)), "",
+           record_comment(section_record(args.dataset, runs, valid_metric,
+                                         run_protocol(args.config_files, args.extra))), "",
            f"- Date: {now:%Y-%m-%d %H:%M %Z}", f"- Machine: {machine}", f"- Command: `{command}`"]
     if first.get("dataset"):
         d = first["dataset"]

@@ -349,3 +349,68 @@ def test_parallel_runs_keep_the_model_seed_order_and_share_the_threads(compare, 
     assert {run["result"]["threads"] for run in runs} == {"2"}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert compare.worker_env(2)["OMP_NUM_THREADS"] == "1"
+
+
+def appended(compare, path, runs, extra=(), config_files=None):
+    """``runs`` written to ``path`` as a new section, under ``extra`` keys and ``config_files``."""
+    args = SimpleNamespace(dataset="toy", seeds="", config_files=config_files, extra=list(extra))
+    compare.write_report(str(path), "toy", compare.render_section(args, "python benchmarks/compare.py ...", runs),
+                         append=True)
+
+
+def summary_lines(compare, path):
+    rows = compare.summary_rows(compare.read_records(path.read_text(encoding="utf-8"))[0])
+    return compare.summary_table(rows).splitlines()[2:]
+
+
+def test_seeds_of_one_protocol_in_several_sections_pool_into_one_row(compare, tmp_path):
+    out, variant = tmp_path / "toy.md", "LLMESR_SASRec@llmesr_alpha=0.01"
+    appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02), ranked("SASRecAP", 2, 0.12, 0.04)])
+    appended(compare, out, [ranked(variant, 1, 0.11, 0.03, epochs=18)])
+    appended(compare, out, [ranked(variant, 2, 0.13, 0.05), {"model": variant, "seed": 3, "result": None,
+                                                              "error": "RuntimeError: boom"}])
+    # the variant: (0.11, 0.13) from two sections, std 0.0141, against SASRecAP's 0.11 mean: +9.1%, tail +33.3%
+    assert summary_lines(compare, out) == [
+        "| SASRecAP | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |",
+        "| LLMESR_SASRec@llmesr_alpha=0.01 | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | 0.0400 ± 0.0141 | +9.1% | "
+        "+33.3% | 18–20 | 1, 2 (3 failed) |"]
+    appended(compare, out, [ranked(variant, 3, 0.15, 0.07)])  # the failed seed, rerun
+    assert summary_lines(compare, out)[1].endswith("| 0.1300 ± 0.0200 | 0.0500 ± 0.0200 | +18.2% | +66.7% | 18–20 | "
+                                                   "1, 2, 3 |")
+
+
+def test_a_seed_run_again_counts_once_with_its_latest_result(compare, tmp_path):
+    out = tmp_path / "toy.md"
+    appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02), ranked("SASRecAP", 2, 0.12, 0.04)])
+    appended(compare, out, [ranked("SASRecAP", 2, 0.14, 0.06, epochs=30)])
+    assert summary_lines(compare, out) == [
+        "| SASRecAP | — | ndcg@10 | 0.1200 ± 0.0283 | 0.0400 ± 0.0283 | — | — | 20–30 | 1, 2 |"]
+
+
+def test_sections_under_another_protocol_or_without_one_stay_apart(compare, tmp_path, monkeypatch):
+    out, protocol = tmp_path / "toy.md", tmp_path / "p.yaml"
+    protocol.write_text("epochs: 10\n", encoding="utf-8")
+    appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02)])
+    appended(compare, out, [ranked("SASRecAP", 2, 0.12, 0.04)], extra=["--epochs=300"])
+    appended(compare, out, [ranked("SASRecAP", 3, 0.14, 0.04)], config_files=str(protocol))
+    protocol.write_text("epochs: 20\n", encoding="utf-8")  # the same file name, other contents
+    appended(compare, out, [ranked("SASRecAP", 4, 0.16, 0.04)], config_files=str(protocol))
+    monkeypatch.setattr(compare, "code_digest", lambda: "other code")
+    appended(compare, out, [ranked("SASRecAP", 5, 0.18, 0.04)])
+    text = out.read_text(encoding="utf-8")
+    out.write_text(text + "\n" + compare.record_comment({"dataset": "toy", "rows": [  # a record of the older format
+        {"model": "SASRecAP", "metric": "ndcg@10", "seeds": [1], "failed_seeds": [], "epochs": [20],
+         "values": {"overall": [0.2], "tail_item": [0.02]}}]}) + "\n", encoding="utf-8")
+    assert [line.split(" | ")[-1] for line in summary_lines(compare, out)] == ["1 |", "2 |", "3 |", "4 |", "5 |", "1 |"]
+
+
+def test_code_digest_follows_the_code_and_property_files(compare, tmp_path):
+    (tmp_path / "recbole_llm").mkdir()
+    (tmp_path / "properties").mkdir()
+    (tmp_path / "recbole_llm" / "model.py").write_text("x = 1\n", encoding="utf-8")
+    (tmp_path / "properties" / "model.yaml").write_text("k: 1\n", encoding="utf-8")
+    first = compare.code_digest(str(tmp_path))
+    (tmp_path / "recbole_llm" / "notes.txt").write_text("not code\n", encoding="utf-8")
+    assert compare.code_digest(str(tmp_path)) == first
+    (tmp_path / "properties" / "model.yaml").write_text("k: 2\n", encoding="utf-8")
+    assert compare.code_digest(str(tmp_path)) != first
