@@ -698,8 +698,9 @@ def plot_results_file(results_path):
     return path if plot_summary(rows, path) else None
 
 
-def render_section(args, command, runs, now=None):
-    """The Markdown section of one comparison: context, protocol, the three tables and the failures."""
+def render_section(args, command, runs, protocol=None, now=None):
+    """The Markdown section of one comparison: context, protocol, the three tables and the failures. ``protocol`` is
+    the ``run_protocol`` taken before the runs (by default, now)."""
     import yaml
 
     results = [run["result"] for run in runs if run["result"]]
@@ -715,7 +716,7 @@ def render_section(args, command, runs, now=None):
                + (f" ({env['gpu']})" if env.get("gpu") else ""))
     out = [f"## {', '.join(models)} on {args.dataset}, seeds {args.seeds}", "",
            record_comment(section_record(args.dataset, runs, valid_metric,
-                                         run_protocol(args.config_files, args.extra))), "",
+                                         protocol or run_protocol(args.config_files, args.extra))), "",
            f"- Date: {now:%Y-%m-%d %H:%M %Z}", f"- Machine: {machine}", f"- Command: `{command}`"]
     if first.get("dataset"):
         d = first["dataset"]
@@ -863,8 +864,9 @@ def main(argv):
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2
+    protocol = run_protocol(args.config_files, args.extra)  # what the runs start from, whatever changes meanwhile
     runs = run_all(models, seeds, args.dataset, args.config_files, args.extra, args.keep_checkpoints, args.jobs)
-    section = render_section(args, shlex.join(["python", "benchmarks/compare.py", *argv]), runs)
+    section = render_section(args, shlex.join(["python", "benchmarks/compare.py", *argv]), runs, protocol)
     print("\n" + section)
     write_report(args.out, args.dataset, section, args.append)
     print(f"written to {args.out}")
