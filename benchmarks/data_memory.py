@@ -1,0 +1,86 @@
+"""Resident memory of RecBole's data pipeline for one model and protocol, stage by stage.
+
+    python benchmarks/data_memory.py --model DualLLMSASRec --dataset ml-1m-half \
+        [--config_files benchmarks/protocols/llmesr_paper.yaml] [--out results/data_memory.md] [--key=value ...]
+
+Stages: imports, Config, ``create_dataset`` (the atomic files loaded), ``build()`` (RecBole's prefix augmentation,
+then the split; for ``llm_train_mode: all_positions`` the train split is then cut to one row per user). For each
+stage the current and the peak RSS of this process, then the rows and bytes of each split's tensors. It says where a
+training run's peak RSS comes from before any model exists.
+"""
+import argparse
+import os
+import resource
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import markdown_table, write_text_atomic  # noqa: E402
+
+
+def rss_mb():
+    """``(current, peak)`` resident set size of this process in MB (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        current = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return current / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # both KiB
+
+
+def split_sizes(split):
+    """``(rows, MB)`` of a split's interaction tensors."""
+    tensors = split.inter_feat.interaction.values()
+    return len(split.inter_feat), sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def measure(model, dataset, config_files, extra):
+    """``(stages, splits)``: ``[(stage, current MB, peak MB)]`` and ``[(split, rows, MB, fields)]``."""
+    stages = [("interpreter", *rss_mb())]
+    import recbole_llm  # noqa: F401  (compat fixes, as the launcher applies them)
+    from recbole_llm.config import Config
+    from recbole_llm.utils import create_dataset
+
+    stages.append(("imports", *rss_mb()))
+    argv, sys.argv = sys.argv, [sys.argv[0], *extra]  # RecBole's Config reads --key=value from sys.argv
+    try:
+        config = Config(model=model, dataset=dataset, config_file_list=config_files, config_dict={"state": "ERROR"})
+    finally:
+        sys.argv = argv
+    stages.append(("Config", *rss_mb()))
+    data = create_dataset(config)
+    stages.append(("create_dataset", *rss_mb()))
+    built = data.build()
+    stages.append(("build (augmentation, split)", *rss_mb()))
+    splits = [(name, *split_sizes(split), ", ".join(split.inter_feat.interaction))
+              for name, split in zip(("train", "valid", "test"), built)]
+    return stages, splits
+
+
+def report(command, stages, splits):
+    return "\n".join([
+        "# Memory of the data pipeline", "", f"Command: `{command}`", "",
+        markdown_table(["stage", "current RSS MB", "peak RSS MB"],
+                       [[name, f"{current:,.0f}", f"{peak:,.0f}"] for name, current, peak in stages]), "",
+        markdown_table(["split", "rows", "tensor MB", "fields"],
+                       [[name, f"{rows:,}", f"{mb:,.1f}", fields] for name, rows, mb, fields in splits]), ""])
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Any other --key=value reaches RecBole's Config.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--config_files", default="", help="space-separated YAML files")
+    parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
+    args, extra = parser.parse_known_args(argv)
+    bad = [arg for arg in extra if not arg.startswith("--") or "=" not in arg]
+    if bad:
+        parser.error(f"extra arguments must be --key=value, got {bad[0]!r}")
+    stages, splits = measure(args.model, args.dataset, args.config_files.split(), extra)
+    text = report(shlex.join(["python", "benchmarks/data_memory.py", *argv]), stages, splits)
+    print(text)
+    if args.out:
+        write_text_atomic(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
