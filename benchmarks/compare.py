@@ -26,12 +26,14 @@ each model per long-tail group beside its backbone, into ``<out without .md>.png
 """
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -73,6 +75,31 @@ COST_COLUMNS = (  # (worker field, header, format)
     ("peak_gpu_mb", "peak GPU MB", "{:.0f}"),
     ("params", "trainable params", "{:,.0f}"),
 )
+
+
+# ---------------------------------------------------------------- helpers of every benchmark script
+
+def peak_rss_mb():
+    """This process's peak resident set size in MB (Linux reports it in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def config_argv(keys):
+    """``sys.argv`` holding only ``keys`` while a RecBole Config is built: Config reads ``--key=value`` from there."""
+    argv = sys.argv
+    sys.argv = [argv[0], *keys]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def require_key_values(parser, extra):
+    """Stop ``parser`` at the first argument of ``extra`` that is not ``--key=value``."""
+    bad = [arg for arg in extra if not arg.startswith("--") or "=" not in arg]
+    if bad:
+        parser.error(f"extra arguments must be --key=value, got {bad[0]!r}")
 
 
 # ---------------------------------------------------------------- worker: one (model, seed) in this process
@@ -129,8 +156,6 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
 
     The seed and the ``--key=value`` arguments are on this process's command line, where RecBole's Config reads them.
     """
-    import resource
-
     import recbole
     import torch
 
@@ -158,7 +183,7 @@ def run_worker(model, dataset, config_files, keep_checkpoint):
         "valid_eval_s": statistics.mean(stats["valid_s"]) if stats["valid_s"] else None,
         "test_eval_s": test_s, "test_rows": stats["test_rows"],
         "test_users_per_s": stats["test_rows"] / test_s if test_s else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None,
         "params": sum(p.numel() for p in stats["model"].parameters() if p.requires_grad),
         "groups": groups.describe() if groups is not None else None,
@@ -190,9 +215,9 @@ def check_main(argv):
     failures = []
     for entry in spec["models"]:
         model, overrides = split_variant(entry)
-        sys.argv = [sys.argv[0], *_with_overrides(spec["extra"], overrides)]  # RecBole reads its keys from argv
         try:
-            Config(model=model, dataset=spec["dataset"], config_file_list=spec["config_files"])
+            with config_argv(_with_overrides(spec["extra"], overrides)):
+                Config(model=model, dataset=spec["dataset"], config_file_list=spec["config_files"])
         except Exception as error:  # whatever stops this entry's config stops its runs: report it, run nothing
             failures.append(f"--models entry {entry!r}: {error}")
     print("\n".join(failures))
@@ -538,17 +563,17 @@ def merge_by_seed(members):
 def pooled_rows(rows):
     """``rows`` with the runs of one entry under one protocol (``_pool_key``), from any number of sections, merged
     into one row by seed, so that seeds run at different times make one mean ± std."""
+    keys = [_pool_key(row) for row in rows]
     groups = {}
-    for row in rows:
-        if _pool_key(row) is not None:
-            groups.setdefault(_pool_key(row), []).append(row)
+    for key, row in zip(keys, rows):
+        if key is not None:
+            groups.setdefault(key, []).append(row)
     out = []
-    for row in rows:
-        members = groups.get(_pool_key(row)) if _pool_key(row) is not None else None
-        if members is None:
+    for key, row in zip(keys, rows):
+        if key is None:
             out.append(row)
-        elif row is members[-1]:
-            out.append(merge_by_seed(members) if len(members) > 1 else row)
+        elif row is groups[key][-1]:
+            out.append(merge_by_seed(groups[key]) if len(groups[key]) > 1 else row)
     return out
 
 
@@ -814,9 +839,8 @@ def parse_args(argv):
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give at least 1")
     for arg in extra:
+        require_key_values(parser, [arg])
         key = arg[2:].split("=", 1)[0]
-        if not arg.startswith("--") or "=" not in arg:
-            parser.error(f"extra arguments must be --key=value, got {arg!r}")
         if key in RESERVED_KEYS:
             parser.error(f"--{key}= is set by the harness; use --models, --dataset, --seeds or --config_files")
     for path in (args.config_files or "").split():

@@ -10,19 +10,18 @@ training run's peak RSS comes from before any model exists.
 """
 import argparse
 import os
-import resource
 import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import markdown_table, write_text_atomic  # noqa: E402
+from compare import config_argv, markdown_table, peak_rss_mb, require_key_values, write_text_atomic  # noqa: E402
 
 
 def rss_mb():
     """``(current, peak)`` resident set size of this process in MB (Linux)."""
     with open("/proc/self/status", encoding="ascii") as f:
         current = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return current / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # both KiB
+    return current / 1024, peak_rss_mb()  # /proc reports KiB
 
 
 def split_sizes(split):
@@ -39,11 +38,8 @@ def measure(model, dataset, config_files, extra):
     from recbole_llm.utils import create_dataset
 
     stages.append(("imports", *rss_mb()))
-    argv, sys.argv = sys.argv, [sys.argv[0], *extra]  # RecBole's Config reads --key=value from sys.argv
-    try:
+    with config_argv(extra):
         config = Config(model=model, dataset=dataset, config_file_list=config_files, config_dict={"state": "ERROR"})
-    finally:
-        sys.argv = argv
     stages.append(("Config", *rss_mb()))
     data = create_dataset(config)
     stages.append(("create_dataset", *rss_mb()))
@@ -71,9 +67,7 @@ def main(argv):
     parser.add_argument("--config_files", default="", help="space-separated YAML files")
     parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     args, extra = parser.parse_known_args(argv)
-    bad = [arg for arg in extra if not arg.startswith("--") or "=" not in arg]
-    if bad:
-        parser.error(f"extra arguments must be --key=value, got {bad[0]!r}")
+    require_key_values(parser, extra)
     stages, splits = measure(args.model, args.dataset, args.config_files.split(), extra)
     text = report(shlex.join(["python", "benchmarks/data_memory.py", *argv]), stages, splits)
     print(text)

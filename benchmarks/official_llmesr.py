@@ -44,15 +44,14 @@ import os
 import pickle
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import (_timed, last_error_line, markdown_table, parse_worker_output, worker_command,  # noqa: E402
-                     write_text_atomic)
+from compare import (_timed, config_argv, last_error_line, markdown_table, parse_worker_output,  # noqa: E402
+                     peak_rss_mb, require_key_values, worker_command, write_text_atomic)
 
 PROTOCOL = "benchmarks/protocols/llmesr_paper.yaml"
 OUR_EXTRA = ("--loss_type=BCE",)  # the official loss, on top of the protocol file
@@ -125,12 +124,8 @@ def our_config(dataset, extra):
     the three models). RecBole's Config reads ``--key=value`` from ``sys.argv``, so ``extra`` is put there."""
     from recbole_llm.config import Config
 
-    argv = sys.argv
-    sys.argv = [argv[0], *extra]
-    try:
+    with config_argv(extra):
         return Config(model="DualLLMSASRec", dataset=dataset, config_file_list=[PROTOCOL])
-    finally:
-        sys.argv = argv
 
 
 def official_flags(config, model, dataset, epochs, seed):
@@ -198,7 +193,7 @@ def run_official(official_dir, model, flags):
     trainer.train()
     log_manager.end_log()
     return {"train_s": train_s, "threads": torch.get_num_threads(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def official_worker_main(argv):
@@ -382,9 +377,7 @@ def parse_args(argv):
         parser.error(f"--models: {unknown[0]!r} is not one of {', '.join(PAIRS)}")
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
-    bad = [arg for arg in extra if not arg.startswith("--") or "=" not in arg]
-    if bad:
-        parser.error(f"extra arguments must be --key=value, got {bad[0]!r}")
+    require_key_values(parser, extra)
     args.extra = extra
     args.out = args.out or os.path.join("results", f"{args.dataset}-official.md")
     args.workdir = os.path.abspath(args.workdir or os.path.join("saved", "official-llmesr", args.dataset))

@@ -11,11 +11,14 @@ same metrics.
 """
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import peak_rss_mb  # noqa: E402
 
 PATHS = ("per row", "once per history")
 
@@ -47,7 +50,7 @@ def measure(model_name, dataset, config_files, path):
     seconds = time.perf_counter() - start
     return {"model": model_name, "path": path, "seconds": seconds, "users": valid_data.sample_size,
             "threads": torch.get_num_threads(), "metrics": {k: float(v) for k, v in result.items()},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def table(rows, command, machine):

@@ -7,12 +7,15 @@ default malloc), then anomaly detection off, then both fixes as run_recbole_llm.
 """
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import peak_rss_mb  # noqa: E402
 
 SETTINGS = {  # name: (anomaly detection, keep freed memory)
     "stock (anomaly on, glibc default)": (True, False),
@@ -48,7 +51,7 @@ def measure(model_name, anomaly, keep_memory, steps, batch_size):
         times.append(time.perf_counter() - start)
         if len(times) == steps + 2:
             break
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"s_per_step": statistics.median(times[2:]), "peak_rss_mb": peak_mb, "steps": len(times) - 2}
 
 
