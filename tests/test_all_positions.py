@@ -226,6 +226,64 @@ def test_valid_and_test_are_those_of_prefix_mode(tiny):
     assert len(prefix_train.dataset) > 10 * len(train.dataset)
 
 
+def write_short_histories(data_path):
+    """A dataset ``short`` whose users have 1 to 7 interactions, some at equal times, under ``data_path``."""
+    histories = {"1": 1, "2": 2, "3": 3, "4": 4, "5": 7, "6": 5}
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for user, n in histories.items():
+        lines += [f"{user}\t{(int(user) * 3 + k) % 9 + 1}\t{k % 5 + 1}\t{100 + k // 2 + int(user)}" for k in range(n)]
+    folder = data_path / "short"
+    folder.mkdir(parents=True)
+    (folder / "short.inter").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def last_row_per_user(feat):
+    """{user: its last row of ``feat``, as a dict of lists}."""
+    rows = {}
+    for index, user in enumerate(feat["user_id"].tolist()):
+        rows[user] = {field: feat[field][index].tolist() for field in feat.columns}
+    return rows
+
+
+@pytest.mark.parametrize("leave_out", ["valid_and_test", "valid_only", "test_only"])
+def test_augmentation_of_the_kept_rows_only_gives_recbole_splits(tiny, leave_out):
+    # Users shorter than the rows a split leaves out, histories longer than MAX_ITEM_LIST_LENGTH and equal times.
+    _, path = tiny
+    write_short_histories(path / "data")
+    settings = {"dataset": "short", "MAX_ITEM_LIST_LENGTH": 2,
+                "eval_args": {"split": {"LS": leave_out}, "order": "TO", "mode": "full"}}
+    _, train, *evaluation = prepare(tiny, **settings)
+    _, prefix_train, *prefix_evaluation = prepare(tiny, llm_train_mode="prefix", **settings)
+    for ours, theirs in zip(evaluation, prefix_evaluation):
+        if theirs is None or len(theirs.dataset) == 0:
+            continue
+        assert all(torch.equal(ours.dataset.inter_feat[f], theirs.dataset.inter_feat[f])
+                   for f in theirs.dataset.inter_feat.columns)
+    ours_rows = last_row_per_user(train.dataset.inter_feat)
+    for user, row in last_row_per_user(prefix_train.dataset.inter_feat).items():
+        assert {f: v for f, v in ours_rows[user].items() if f != TARGETS} == row
+    parent = train.dataset  # a copy of the augmented parent, sharing its interactions
+    assert len(parent.source_interactions[0]) == 1 + 2 + 3 + 4 + 7 + 5
+
+
+def test_augmentation_keeps_at_most_four_rows_per_user(tiny):
+    config, train, _, _ = prepare(tiny)
+    dataset = create_dataset(config)
+    AllPositionsDataset.build(dataset)
+    _, per_user = torch.unique(dataset.inter_feat["user_id"], return_counts=True)
+    assert per_user.max() == 4 and len(per_user) == len(train.dataset)
+
+
+def test_a_ratio_split_augments_every_row(tiny):
+    settings = {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO", "mode": "full"}}
+    config, train, _, _ = prepare(tiny, **settings)
+    dataset = create_dataset(config)
+    n_interactions, n_users = len(dataset.inter_feat), dataset.user_num - 1
+    AllPositionsDataset.build(dataset)
+    assert len(dataset.inter_feat) == n_interactions - n_users  # one row per interaction but each user's first
+    assert getattr(dataset, "source_interactions", None) is None
+
+
 # (f) end to end
 
 def test_one_epoch_end_to_end(tiny):

@@ -201,11 +201,12 @@ def test_training_counts_exclude_evaluation_targets():
     assert masks["head_user"].tolist() == [True, True] and masks["tail_item"].tolist() == [False, True]
 
 
-def test_training_counts_on_a_recbole_split(tiny):
+@pytest.mark.parametrize("model", ["SASRec", "SASRecAP"])  # RecBole's augmentation, and the all-positions one
+def test_training_counts_on_a_recbole_split(tiny, model):
     # Against the raw file: ml-100k has one rating per user and item, and leave-one-out holds out 2 per user.
     # MAX_ITEM_LIST_LENGTH = 5 cuts almost every input, which must not change the counts.
     config_dict, tmp_path = tiny
-    config = Config(model="SASRec", config_dict={**config_dict, "MAX_ITEM_LIST_LENGTH": 5})
+    config = Config(model=model, config_dict={**config_dict, "MAX_ITEM_LIST_LENGTH": 5})
     dataset = create_dataset(config)
     _, valid_data, test_data = data_preparation(config, dataset)
     history, popularity = training_counts(dataset, [valid_data.dataset, test_data.dataset])

@@ -63,9 +63,12 @@ def head_threshold(counts, head_ratio):
 def dataset_interactions(dataset):
     """``(users, items)`` of every interaction a sequential dataset holds, one entry per interaction.
 
-    Each sample contributes its target; each user's shortest sample also contributes its input, which holds the
-    interactions before the user's first target (under RecBole's prefix augmentation, the user's first item).
+    A dataset whose augmentation keeps only some rows (``AllPositionsDataset``) keeps its interactions in
+    ``source_interactions``. Otherwise each row of RecBole's prefix augmentation contributes its target, and each
+    user's shortest row also contributes its input: the interactions before the user's first target (its first item).
     """
+    if getattr(dataset, "source_interactions", None) is not None:
+        return dataset.source_interactions
     inter = dataset.inter_feat
     users, targets = inter[dataset.uid_field], inter[dataset.iid_field]
     lengths, sequences = inter[dataset.item_list_length_field], inter[dataset.item_id_list_field]
