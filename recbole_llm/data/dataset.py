@@ -60,8 +60,9 @@ class AllPositionsDataset(SequentialDataset):
         RecBole's makes one row per interaction, each with a MAX_ITEM_LIST_LENGTH-wide list of every interaction
         field: 1.5 GB on ml-1m-half at length 200, though this class keeps one training row per user. Under
         ``split: {LS: ...}`` only each user's last training row and its evaluation rows are used, so only those
-        (and the user's first row, for the order) are made, with the same contents. Other splits keep every row: RecBole's augmentation runs unchanged.
-        The interactions themselves stay in ``source_interactions`` for the counts that need all of them.
+        (and the user's first row, for the order) are made, with the same contents. Other splits keep every row:
+        RecBole's augmentation runs unchanged. The interactions themselves stay in ``source_interactions`` for the
+        counts that need all of them.
         """
         rows_per_user = self._rows_kept_per_user()
         if rows_per_user is None:
