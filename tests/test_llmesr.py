@@ -207,7 +207,8 @@ def test_ablation_switches(data_dir):
     seq, seq_len = batch[full.ITEM_SEQ], batch[full.ITEM_SEQ_LEN]
     assert no_llm.forward(seq, seq_len).shape[-1] == width and no_llm.item_matrix().shape[-1] == width
     assert torch.equal(no_llm.item_matrix(), no_llm.item_embedding.weight[: no_llm.n_items])
-    assert torch.allclose(no_id.item_matrix(), no_id.adapter(no_id.llm_item_embedding.weight[: no_id.n_items]))
+    semantic = no_id.adapter(no_id.llm_item_embedding.weight[: no_id.n_items])
+    assert torch.allclose(no_id.item_matrix(), no_id.llm_score_weight * semantic)
     assert not hasattr(no_cross, "llm_to_id") and hasattr(full, "llm_to_id")
     assert isinstance(one_layer.adapter, torch.nn.Linear) and len(full.adapter) == 2
     assert len(full.calculate_loss(batch)) == 2 and len(no_sd.calculate_loss(batch)) == 1
@@ -282,7 +283,7 @@ def test_xavier_init_of_the_added_layers_keeps_pytorch_biases(data_dir):
 
 
 def test_llm_score_weight_scales_only_the_semantic_dot_product(data_dir):
-    plain, batch, *_ = build(data_dir)
+    plain, batch, *_ = build(data_dir, llmesr_llm_score_weight=1.0)
     weighted, *_ = build(data_dir, llmesr_llm_score_weight=2.5)
     weighted.load_state_dict(plain.state_dict())
     plain.eval(), weighted.eval()
@@ -296,7 +297,7 @@ def test_llm_score_weight_scales_only_the_semantic_dot_product(data_dir):
 
 @pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_Bert4Rec"])
 def test_input_scale_switch_multiplies_only_the_item_embedding(data_dir, model):
-    scaled, batch, *_ = build(data_dir, model)
+    scaled, batch, *_ = build(data_dir, model, llmesr_input_scale=True)
     plain, *_ = build(data_dir, model, llmesr_input_scale=False)
     plain.load_state_dict(scaled.state_dict())
     scaled.eval(), plain.eval()
@@ -335,6 +336,14 @@ def test_faithful_setting_restores_the_official_switches_under_the_users_keys(da
     mixed = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful",
                                                                   llmesr_cross_norm=True))
     assert mixed["llmesr_cross_norm"] is True and mixed["llmesr_cross_residual"] is False
+
+
+def test_only_llmesr_sasrec_reads_its_own_measured_defaults(data_dir):
+    own = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir))
+    assert own["llmesr_input_scale"] is False and own["llmesr_llm_score_weight"] == 2.0
+    for model in ("DualLLMSASRec", "LLMESR_Bert4Rec", "LLMESR_GRU4Rec"):
+        other = Config(model=model, config_dict=tiny_config(data_dir))
+        assert other["llmesr_input_scale"] is True and other["llmesr_llm_score_weight"] == 1.0, model
 
 
 def test_unknown_setting_names_the_known_ones(data_dir):
