@@ -379,10 +379,37 @@ def test_checkpoint_reload_reproduces_the_test_result(workdir):
     assert trainer.evaluate(test, load_best_model=False) == result["test_result"]
 
 
+# --- the item adapter (a deviation) ------------------------------------------------------------------------------
+
+def test_item_adapter_starts_at_the_frozen_vectors_then_moves_them_while_the_table_stays(workdir, frozen):
+    plain = frozen[0]
+    adapted, _, train, _, test = build(hllm_config(workdir, hllm_item_adapter=8))
+    missing = adapted.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("item_adapter.") for key in missing)
+    plain.eval(), adapted.eval()
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        assert torch.allclose(adapted.full_sort_predict(batch), plain.full_sort_predict(batch), atol=1e-6)
+    table = adapted.item_table.clone()
+    adapted.train()
+    optimizer = torch.optim.SGD(adapted.item_adapter.parameters(), lr=0.5)
+    adapted.calculate_loss(next(iter(train))).backward()
+    moved = {name for name, p in adapted.named_parameters() if p.grad is not None and p.grad.any()}
+    assert {"item_adapter.out.weight", "item_adapter.out.bias"} <= moved  # the zero output layer learns first
+    optimizer.step()
+    assert torch.equal(adapted.item_table, table)
+    with torch.no_grad():
+        vectors = adapted.all_item_vectors()
+        items = torch.tensor([[3, 1], [3, 5]])
+        assert not torch.allclose(vectors, table)
+        assert torch.allclose(adapted.item_vectors(items), vectors[items], atol=1e-6)
+
+
 # --- training -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [{}, {"hllm_loss": "softmax", "hllm_item_num_layers": None}],
-                         ids=["nce-prompt", "softmax-side_data"])
+@pytest.mark.parametrize("overrides", [{}, {"hllm_loss": "softmax", "hllm_item_num_layers": None},
+                                       {"hllm_loss": "softmax", "hllm_item_num_layers": None, "hllm_item_adapter": 16}],
+                         ids=["nce-prompt", "softmax-side_data", "softmax-side_data-adapter"])
 def test_loss_goes_down_on_a_tiny_dataset(workdir, overrides):
     model, config, train, _, _ = build(hllm_config(workdir, learning_rate=0.01, **overrides))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -447,6 +474,8 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_loss": "bpr"}, r"hllm_loss 'bpr' is unknown; use one of nce, softmax"),
     ({"hllm_loss": "softmax"}, r"hllm_loss: softmax .* needs the frozen item table \(hllm_freeze_item_llm: True\)"),
     ({"hllm_item_micro_batch": 0}, r"hllm_item_micro_batch must be a positive number of items or ~"),
+    ({"hllm_item_adapter": 8}, r"hllm_item_adapter trains a head over the frozen item table"),
+    ({"hllm_item_adapter": -1, "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be a hidden width"),
 ])
 def test_clear_errors(workdir, overrides, message):
     named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}

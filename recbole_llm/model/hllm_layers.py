@@ -273,6 +273,33 @@ def item_micro_batch(config):
     return size
 
 
+def item_adapter_size(config):
+    """``hllm_item_adapter``: the hidden width of the trainable head over the frozen item table, 0 for none."""
+    size = config["hllm_item_adapter"]
+    if size < 0:  # the config's type check has made it an int
+        raise RecBoleLLMError(f"hllm_item_adapter must be a hidden width (a positive int) or 0 (none), not {size!r}.")
+    if size and not config["hllm_freeze_item_llm"]:
+        raise RecBoleLLMError("hllm_item_adapter trains a head over the frozen item table (hllm_freeze_item_llm: "
+                              "True); end to end the item LLM itself trains. Set hllm_item_adapter: 0.")
+    return size
+
+
+class ItemAdapter(nn.Module):
+    """A trainable residual MLP over frozen item vectors, ``v + W2 gelu(W1 v + b1) + b2`` (a deviation: the paper's
+    frozen item LLM has no trainable part). ``W2`` and ``b2`` start at zero, so training starts from the frozen
+    vectors, as end-to-end training starts from the pretrained item LLM."""
+
+    def __init__(self, dim, hidden_size):
+        super().__init__()
+        self.hidden = nn.Linear(dim, hidden_size)
+        self.out = nn.Linear(hidden_size, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, vectors):
+        return vectors + self.out(F.gelu(self.hidden(vectors)))
+
+
 # --- the generative loss ------------------------------------------------------------------------------------------
 
 def uniform_items(count, n_items, device):

@@ -12,8 +12,8 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.hllm_layers import (HEADS, ItemLLM, LateFusionHead, choice, clamp_logit_scale,
-                                           cosines, frozen_item_table, gather_negatives,
+from recbole_llm.model.hllm_layers import (HEADS, ItemAdapter, ItemLLM, LateFusionHead, choice, clamp_logit_scale,
+                                           cosines, frozen_item_table, gather_negatives, item_adapter_size,
                                            item_micro_batch, item_text_choice, loss_choice, nce_loss, softmax_loss,
                                            uniform_items, user_llm)
 from recbole_llm.model.layers import per_row_user_vectors, sample_negatives
@@ -63,14 +63,19 @@ class HLLM(SequentialRecommender):
       through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
       0), plus ``hllm_gen_weight`` times the generative loss above; scores are the MLP's logits. Early fusion (one
       user-LLM pass per candidate) is not implemented.
+    - ``hllm_item_adapter: <width>`` (a deviation, frozen mode only; 0, none, is the paper's item caching): a
+      trainable residual MLP over each frozen item vector (``hllm_layers.ItemAdapter``, its output layer zero at
+      the start), whose output is the item vector everywhere: the user LLM's input, the targets, the negatives
+      and the ranking. It lets a frozen table move the way end-to-end training moves the item LLM's top, at the
+      cost of an MLP over the step's distinct items.
 
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
-    ``hllm_item_micro_batch``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``,
-    ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``, ``hllm_loss``,
-    ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``, ``hllm_gen_weight``, ``hllm_head_hidden_size``; and
-    ``llm_train_mode``.
+    ``hllm_item_micro_batch``, ``hllm_item_adapter``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``,
+    ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``,
+    ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``, ``hllm_gen_weight``,
+    ``hllm_head_hidden_size``; and ``llm_train_mode``.
     """
 
     llm_train_modes = ("prefix", "all_positions")
@@ -91,12 +96,14 @@ class HLLM(SequentialRecommender):
         self.dtype = compute_dtype(config)
         self.nce_thres = config["hllm_nce_thres"]
         self.num_negatives = config["hllm_num_negatives"] or (self.max_seq_length + 1) * config["train_batch_size"]
+        adapter_size = item_adapter_size(config)
         if self.frozen:
             self.register_buffer("item_table", self._frozen_table(config, dataset))
             item_dim = self.item_table.size(1)
         else:
             self.item_llm = ItemLLM(config, dataset)
             item_dim = self.item_llm.dim
+        self.item_adapter = ItemAdapter(item_dim, adapter_size) if adapter_size else None  # 0 end to end
         self.user_llm = user_llm(config, item_dim)
         user_dim = self.user_llm.config.hidden_size
         self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
@@ -124,9 +131,11 @@ class HLLM(SequentialRecommender):
     def item_vectors(self, items):
         """``[*items.shape, D]``: the vectors of ``items``, through the item LLM once per distinct id,
         ``hllm_item_micro_batch`` items per pass."""
-        if self.frozen:
+        if self.frozen and self.item_adapter is None:
             return self.item_table[items]
         distinct, inverse = torch.unique(items, return_inverse=True)
+        if self.frozen:
+            return self.item_adapter(self.item_table[distinct])[inverse]
         return self.item_llm.encode(distinct, self.item_micro_batch)[inverse]
 
     def _item_llm_state(self):
@@ -136,9 +145,9 @@ class HLLM(SequentialRecommender):
 
     def all_item_vectors(self):
         """``[n_items, D]``: every item's vector, encoded under ``no_grad`` and kept until an item-LLM weight
-        changes (the frozen table needs no encoding)."""
+        changes; the frozen table as it is, or through the item adapter (with gradients in training)."""
         if self.frozen:
-            return self.item_table
+            return self.item_table if self.item_adapter is None else self.item_adapter(self.item_table)
         state = self._item_llm_state()
         if self._eval_items is None or self._eval_items_key != state:
             self._eval_items, self._eval_items_key = self.item_llm.encode_all(), state
@@ -191,7 +200,7 @@ class HLLM(SequentialRecommender):
         ranks."""
         clamp_logit_scale(self.logit_scale)
         if self.softmax:
-            return softmax_loss(outputs, positives, self.item_table, self.logit_scale)
+            return softmax_loss(outputs, positives, self.all_item_vectors(), self.logit_scale)
         return nce_loss(outputs, positive_vectors, gather_negatives(negative_vectors), self.logit_scale,
                         self.nce_thres)
 
