@@ -185,22 +185,24 @@ class HLLM(SequentialRecommender):
         positives = interaction[self.target_list][valid] if self.all_positions else last_target
         fusion_negatives = sample_negatives(last_target, self.n_items) if self.late_fusion else last_target[:0]
         groups = [item_seq.flatten(), positives, negatives, last_target, fusion_negatives]
-        vectors = self.item_vectors(torch.cat(groups)).split([len(g) for g in groups])
+        items = torch.cat(groups)
+        table = self.all_item_vectors() if self.softmax else None  # the softmax scores every item: one pass for all
+        vectors = (self.item_vectors(items) if table is None else table[items]).split([len(g) for g in groups])
         states = self.user_states(item_seq, vectors[0].view(*item_seq.shape, -1))
         outputs = self.user_to_item(states[:, : item_seq.size(1)])
         outputs = outputs[valid] if self.all_positions else self.gather_indexes(outputs, lengths - 1)
-        loss = self.generative_loss(outputs, positives, vectors[1], vectors[2])
+        loss = self.generative_loss(outputs, positives, vectors[1], vectors[2], table)
         if not self.late_fusion:
             return loss
         users = states[torch.arange(len(states), device=states.device), lengths]
         return self.fusion_loss(users, vectors[3], vectors[4]) + self.gen_weight * loss
 
-    def generative_loss(self, outputs, positives, positive_vectors, negative_vectors):
-        """``hllm_loss`` at the output rows: the softmax over every item, or InfoNCE against the negatives of all
-        ranks."""
+    def generative_loss(self, outputs, positives, positive_vectors, negative_vectors, table):
+        """``hllm_loss`` at the output rows: the softmax over every item of ``table`` (``[n_items, D]``, the
+        softmax's only input besides the targets), or InfoNCE against the negatives of all ranks."""
         clamp_logit_scale(self.logit_scale)
         if self.softmax:
-            return softmax_loss(outputs, positives, self.all_item_vectors(), self.logit_scale)
+            return softmax_loss(outputs, positives, table, self.logit_scale)
         return nce_loss(outputs, positive_vectors, gather_negatives(negative_vectors), self.logit_scale,
                         self.nce_thres)
 
