@@ -173,6 +173,24 @@ def test_retrieved_history_keeps_history_order(root):
     assert prompts.render(test.inter_feat[1:2]) == [expected]
 
 
+
+def test_retrieval_reduces_only_vectors_wider_than_the_pca_dim(monkeypatch):
+    import recbole_llm.text
+    from recbole_llm.data.ctr import _retrieval_vectors
+
+    vectors = torch.randn(16, 384)  # 16 items of MiniLM width
+    reduced = []
+    monkeypatch.setattr(recbole_llm.text, "item_vectors", lambda dataset, config: vectors)
+    monkeypatch.setattr(recbole_llm.text, "pca_item_vectors",
+                        lambda dataset, config, dim: reduced.append(dim) or vectors[:, :dim])
+    unit = torch.nn.functional.normalize(vectors, dim=1).numpy()
+    for dim in (512, 384, None):  # the official 512 and the width itself leave 384-d vectors as they are
+        assert (_retrieval_vectors(None, {"reclora_pca_dim": dim}) == unit).all()
+    assert reduced == []
+    assert _retrieval_vectors(None, {"reclora_pca_dim": 4}).shape == (16, 4) and reduced == [4]
+    with pytest.raises(RecBoleLLMError, match="reclora_pca_dim 20 is larger than the 16 items"):
+        _retrieval_vectors(None, {"reclora_pca_dim": 20})
+
 # ---------------------------------------------------------------- the meta-LoRA bank
 
 class OneHot(torch.nn.Module):

@@ -241,14 +241,16 @@ def _user_profiles(dataset):
 
 
 def _retrieval_vectors(dataset, config):
-    """Item text vectors reduced to ``reclora_pca_dim`` components (``~``: not reduced), by internal id."""
+    """Item text vectors reduced to ``reclora_pca_dim`` components, by internal id. Vectors no wider than that
+    (``~``: any width) are used as they are: the official 512 reduces a 7B model's 4096-d vectors, and MiniLM's
+    384-d ones, the default encoder's, have nothing to reduce."""
     from recbole_llm.text import item_vectors, pca_item_vectors  # loads transformers; only retrieval needs it
 
     vectors = item_vectors(dataset, config)
     dim = config["reclora_pca_dim"]
-    if dim is not None:
-        if dim > min(vectors.shape):
-            raise RecBoleLLMError(f"reclora_pca_dim {dim} is larger than the {vectors.shape[1]}-d text vectors of "
-                                  f"llm_encoder (or than the item count); lower it or set it to ~.")
+    if dim is not None and dim < vectors.shape[1]:
+        if dim > vectors.shape[0]:
+            raise RecBoleLLMError(f"reclora_pca_dim {dim} is larger than the {vectors.shape[0]} items, the most "
+                                  f"principal components their vectors have; lower it or set it to ~.")
         vectors = pca_item_vectors(dataset, config, dim)
     return torch.nn.functional.normalize(vectors, dim=1).numpy()
