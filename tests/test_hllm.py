@@ -405,6 +405,24 @@ def test_item_adapter_starts_at_the_frozen_vectors_then_moves_them_while_the_tab
         assert torch.allclose(adapted.item_vectors(items), vectors[items], atol=1e-6)
 
 
+
+def test_evaluation_runs_the_item_adapter_once_per_weight_state(workdir):
+    model, _, _, _, test = build(hllm_config(workdir, hllm_item_adapter=8))
+    calls = []
+    model.item_adapter.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    model.eval()
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        first = model.full_sort_predict(batch)
+        assert torch.equal(model.full_sort_predict(batch), first)
+        assert calls == [model.n_items]  # one pass over the table for two batches' histories and scores
+        model.item_adapter.out.bias += 1.0  # an in-place update, as an optimizer step makes
+        changed = model.full_sort_predict(batch)
+    assert calls == [model.n_items] * 2 and not torch.allclose(changed, first)
+    assert torch.allclose(model._eval_items, model.item_adapter(model.item_table), atol=1e-6)
+    model.train()
+    assert model.all_item_vectors().requires_grad  # training reads the adapter with gradients, not the cache
+
 # --- training -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [{}, {"hllm_loss": "softmax", "hllm_item_num_layers": None},

@@ -138,19 +138,22 @@ class HLLM(SequentialRecommender):
             return self.item_adapter(self.item_table[distinct])[inverse]
         return self.item_llm.encode(distinct, self.item_micro_batch)[inverse]
 
-    def _item_llm_state(self):
-        """What the item vectors depend on: every item-LLM tensor's storage and in-place version counter, which
-        an optimizer step or a ``load_state_dict`` bumps."""
-        return tuple((p.data_ptr(), p._version) for p in self.item_llm.parameters())
-
     def all_item_vectors(self):
-        """``[n_items, D]``: every item's vector, encoded under ``no_grad`` and kept until an item-LLM weight
-        changes; the frozen table as it is, or through the item adapter (with gradients in training)."""
-        if self.frozen:
-            return self.item_table if self.item_adapter is None else self.item_adapter(self.item_table)
-        state = self._item_llm_state()
+        """``[n_items, D]``: every item's vector. The frozen table as it is; through the item adapter with
+        gradients in training; otherwise computed under ``no_grad`` (the item LLM's, or the adapter's outside
+        training) and kept until one of that encoder's weights changes, so that an evaluation batch, which reads
+        the table for its histories and again for its scores, runs the encoder once per weight state."""
+        if self.frozen and self.item_adapter is None:
+            return self.item_table
+        if self.frozen and self.training:
+            return self.item_adapter(self.item_table)
+        encoder = self.item_adapter if self.frozen else self.item_llm
+        # every weight's storage and in-place version counter, which an optimizer step or a load_state_dict bumps
+        state = tuple((p.data_ptr(), p._version) for p in encoder.parameters())
         if self._eval_items is None or self._eval_items_key != state:
-            self._eval_items, self._eval_items_key = self.item_llm.encode_all(), state
+            with torch.no_grad():
+                vectors = self.item_adapter(self.item_table) if self.frozen else self.item_llm.encode_all()
+            self._eval_items, self._eval_items_key = vectors, state
         return self._eval_items
 
     # --- user side ----------------------------------------------------------------------------------------------
