@@ -582,16 +582,26 @@ def protocol_overrides(entry):
     return sorted(key for key in split_variant(entry)[1] if key[2:].split("=", 1)[0] in PROTOCOL_KEYS)
 
 
+def _settings(protocol):
+    """A recorded protocol without its code digest: the config files' contents and the command-line keys."""
+    return protocol and {key: value for key, value in protocol.items() if key != "code"}
+
+
 def backbone_row(row, rows):
     """The row to measure ``row`` against: its backbone's, with the same dataset and metric, under the same recorded
-    protocol (``run_protocol``) if there is one, else from the same section, else the latest in the file; one run
-    under the same protocol keys as ``row`` first (``HLLM@llm_exclude_history=False`` against
+    protocol (``run_protocol``) if there is one, else from the same section, else under the same config files and
+    command-line keys at another code version, else the latest at or before ``row``'s section (so that a later run
+    under other keys, ``--loss_type=BPR``, never becomes an older row's reference), else the latest in the file; one
+    run under the same protocol keys as ``row`` first (``HLLM@llm_exclude_history=False`` against
     ``SASRecAP@llm_exclude_history=False``), and among those the one with no other keys of its own."""
     backbone, protocol = backbone_of(row["model"]), protocol_overrides(row["model"])
     candidates = [r for r in rows if model_of(r["model"]) == backbone and r["values"]["overall"]
                   and (r["dataset"], r["metric"]) == (row["dataset"], row["metric"])]
     pool = ([r for r in candidates if row.get("protocol") and r.get("protocol") == row["protocol"]]
-            or [r for r in candidates if r["section"] == row["section"]] or candidates)
+            or [r for r in candidates if r["section"] == row["section"]]
+            or [r for r in candidates
+                if row.get("protocol") and _settings(r.get("protocol")) == _settings(row["protocol"])]
+            or [r for r in candidates if r["section"] <= row["section"]] or candidates)
     same_protocol = [r for r in pool if protocol_overrides(r["model"]) == protocol] or pool
     plain = [r for r in same_protocol if len(split_variant(r["model"])[1]) == len(protocol_overrides(r["model"]))]
     return (plain or same_protocol or [None])[-1]
@@ -646,7 +656,9 @@ def render_summary(text):
                 "valid_metric. The runs of one entry in sections with the same protocol (the config files' contents, "
                 "the command-line keys and the package's code) are pooled by seed into one row, a seed run twice "
                 "counting once, with its latest run. The change is that of the mean against the backbone's row "
-                "under the same protocol, else of the same section, else against its latest row in this file."]
+                "under the same protocol, else of the same section, else under the same config files and "
+                "command-line keys at another code version, else against its latest row at or before the section, "
+                "else its latest in this file."]
     else:
         out.append("No section of this file carries a record of its rows.")
     if without:

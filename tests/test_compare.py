@@ -254,6 +254,21 @@ def test_backbone_row_runs_under_the_same_protocol_keys(compare):
     assert compare.backbone_row(row("HLLM", section=1), rows[2:])["model"] == "SASRecAP@learning_rate=0.01"
 
 
+
+def test_backbone_row_is_never_a_later_run_under_other_keys(compare):
+    def row(model, section, keys=None, code="a", overall=0.1):
+        protocol = keys is not None and {"config_files": {"p.yaml": "x"}, "keys": keys, "code": code}
+        return {"model": model, "dataset": "d", "metric": "ndcg@10", "section": section, "protocol": protocol or None,
+                "values": {"overall": [overall]}}
+    old_backbone, old_variant = row("SASRecAP", 0), row("LLMESR_SASRec", 1)  # written before protocols were kept
+    capped = row("SASRecAP", 2, ["--epochs=300"], code="a", overall=0.2)
+    bpr = row("SASRecAP", 4, ["--epochs=300", "--loss_type=BPR"], code="b", overall=0.3)
+    rows = [old_backbone, old_variant, capped, bpr]
+    pick = lambda variant: compare.backbone_row(variant, rows)["values"]["overall"]  # noqa: E731
+    assert pick(old_variant) == [0.1]  # the latest backbone at or before its section, not the later BPR run
+    assert pick(row("LLMESR_SASRec", 3, ["--epochs=300"], code="c")) == [0.2]  # same files and keys, other code
+    assert pick(row("LLMESR_SASRec", 5, ["--epochs=300", "--loss_type=BPR"], code="b")) == [0.3]  # same protocol
+
 def test_summary_table_by_hand(compare):
     """Means, sample std and the change against the backbone, computed by hand from the fake runs."""
     records, without = compare.read_records(section_of(compare, backbone_and_variant()))
