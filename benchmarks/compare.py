@@ -629,9 +629,9 @@ def _seeds_cell(row):
 
 
 def summary_table(rows):
-    """One line per row: the test metric overall and on tail items, their change against the backbone, the epochs
-    run and the seeds."""
-    header = ["model", "backbone", "metric", "test overall", "test tail_item", "vs backbone",
+    """One line per row: the command-line keys its section ran with (``—``: not recorded), the test metric overall
+    and on tail items, their change against the backbone, the epochs run and the seeds."""
+    header = ["model", "keys", "backbone", "metric", "test overall", "test tail_item", "vs backbone",
               "tail_item vs backbone", "epochs run", "seeds"]
     lines = []
     for row in rows:
@@ -640,7 +640,8 @@ def summary_table(rows):
         changes = [relative_change(v, reference["values"][g]) if reference else "—"
                    for v, g in ((overall, "overall"), (tail, "tail_item"))]
         metric_cells = [format_mean_std(overall), format_mean_std(tail)] if row["seeds"] else ["failed", "—"]
-        lines.append([row["model"], backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
+        keys = " ".join(row["protocol"]["keys"]) or "(none)" if row.get("protocol") else "—"
+        lines.append([row["model"], keys, backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
                       _range_cell(row["epochs"]), _seeds_cell(row)])
     return markdown_table(header, lines)
 

@@ -274,13 +274,17 @@ def test_summary_table_by_hand(compare):
     records, without = compare.read_records(section_of(compare, backbone_and_variant()))
     assert without == 0 and len(records) == 1
     lines = compare.summary_table(compare.summary_rows(records)).splitlines()
-    assert lines[0] == ("| model | backbone | metric | test overall | test tail_item | vs backbone | "
+    assert lines[0] == ("| model | keys | backbone | metric | test overall | test tail_item | vs backbone | "
                         "tail_item vs backbone | epochs run | seeds |")
     # std of (0.10, 0.12) = sqrt(2 * 0.01^2 / 1) = 0.0141; 0.12 / 0.11 - 1 = +9.1%; 0.04 / 0.03 - 1 = +33.3%
-    assert lines[2] == "| SASRecAP | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |"
-    assert lines[3] == ("| LLMESR_SASRec@llmesr_alpha=0.01 | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | "
+    assert lines[2] == "| SASRecAP | (none) | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |"
+    assert lines[3] == ("| LLMESR_SASRec@llmesr_alpha=0.01 | (none) | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | "
                         "0.0400 ± 0.0141 | +9.1% | +33.3% | 18–20 | 1, 2 |")
-    assert lines[4] == "| HLLM | SASRecAP | ndcg@10 | failed | — | — | — | — | none (1 failed) |"
+    assert lines[4] == "| HLLM | (none) | SASRecAP | ndcg@10 | failed | — | — | — | — | none (1 failed) |"
+    keyed = SimpleNamespace(dataset="toy", seeds="1,2", config_files=None, extra=["--loss_type=BPR", "--epochs=3"])
+    section = compare.render_section(keyed, "python benchmarks/compare.py ...", backbone_and_variant()[:2])
+    lines = compare.summary_table(compare.summary_rows(compare.read_records(section)[0])).splitlines()
+    assert lines[2].startswith("| SASRecAP | --epochs=3 --loss_type=BPR | — | ndcg@10 |")  # the section's keys
     assert compare.relative_change([0.09], [0.1]) == "-10.0%"
     assert compare.relative_change([0.1], [0.0]) == compare.relative_change([0.1], []) == "—"
 
@@ -307,7 +311,7 @@ def test_summary_covers_every_appended_section(compare, tmp_path):
     assert sections.count(compare.SUMMARY_START) == 0 and sections.count("<!-- compare-rows: ") == 2
     rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| SASRecAP", "| LLMESR_SASRec", "| GRU4RecAP"]
-    assert rows[1].split(" | ")[5:7] == ["+10.0%", "-33.3%"]  # 0.121 / 0.11, 0.02 / 0.03: the first SASRecAP
+    assert rows[1].split(" | ")[6:8] == ["+10.0%", "-33.3%"]  # 0.121 / 0.11, 0.02 / 0.03: the first SASRecAP
     assert "1 section(s) of this file were written before these records existed" in summary
     compare.write_report(str(out), "toy", section_of(compare, second), append=False)
     assert "were written before" not in split_report(compare, out.read_text(encoding="utf-8"))[1]
@@ -386,9 +390,9 @@ def test_seeds_of_one_protocol_in_several_sections_pool_into_one_row(compare, tm
                                                               "error": "RuntimeError: boom"}])
     # the variant: (0.11, 0.13) from two sections, std 0.0141, against SASRecAP's 0.11 mean: +9.1%, tail +33.3%
     assert summary_lines(compare, out) == [
-        "| SASRecAP | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |",
-        "| LLMESR_SASRec@llmesr_alpha=0.01 | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | 0.0400 ± 0.0141 | +9.1% | "
-        "+33.3% | 18–20 | 1, 2 (3 failed) |"]
+        "| SASRecAP | (none) | — | ndcg@10 | 0.1100 ± 0.0141 | 0.0300 ± 0.0141 | — | — | 20 | 1, 2 |",
+        "| LLMESR_SASRec@llmesr_alpha=0.01 | (none) | SASRecAP | ndcg@10 | 0.1200 ± 0.0141 | 0.0400 ± 0.0141 | "
+        "+9.1% | +33.3% | 18–20 | 1, 2 (3 failed) |"]
     appended(compare, out, [ranked(variant, 3, 0.15, 0.07)])  # the failed seed, rerun
     assert summary_lines(compare, out)[1].endswith("| 0.1300 ± 0.0200 | 0.0500 ± 0.0200 | +18.2% | +66.7% | 18–20 | "
                                                    "1, 2, 3 |")
@@ -399,7 +403,7 @@ def test_a_seed_run_again_counts_once_with_its_latest_result(compare, tmp_path):
     appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02), ranked("SASRecAP", 2, 0.12, 0.04)])
     appended(compare, out, [ranked("SASRecAP", 2, 0.14, 0.06, epochs=30)])
     assert summary_lines(compare, out) == [
-        "| SASRecAP | — | ndcg@10 | 0.1200 ± 0.0283 | 0.0400 ± 0.0283 | — | — | 20–30 | 1, 2 |"]
+        "| SASRecAP | (none) | — | ndcg@10 | 0.1200 ± 0.0283 | 0.0400 ± 0.0283 | — | — | 20–30 | 1, 2 |"]
 
 
 def test_sections_under_another_protocol_or_without_one_stay_apart(compare, tmp_path, monkeypatch):
