@@ -122,6 +122,18 @@ def test_running_teacher_rows_are_the_training_steps_own_features(data_dir, mode
     assert net._teacher_table is table
 
 
+
+def test_teacher_passes_run_a_training_batch_of_users_at_a_time(data_dir):
+    net, *_ = build(data_dir, train_batch_size=3)
+    net.eval()  # no dropout, so the chunked and the one-pass tables can be compared
+    sizes = []
+    forward = net.forward
+    net.forward = lambda seq, lengths: sizes.append(len(seq)) or forward(seq, lengths)
+    table = net._encode_users(torch.arange(net.n_users))
+    assert max(sizes) == 3 and sum(sizes) == net.n_users  # the peak memory of a pass is a training batch's
+    net._teacher_chunk = net.n_users
+    assert torch.allclose(net._encode_users(torch.arange(net.n_users)), table, atol=1e-5)
+
 def test_user_training_sequences_exclude_the_last_training_item(data_dir):
     net, _, _, dataset, test_data = build(data_dir)
     test_batch = next(iter(test_data))[0]
