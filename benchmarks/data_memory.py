@@ -1,12 +1,16 @@
-"""Resident memory of RecBole's data pipeline for one model and protocol, stage by stage.
+"""Resident memory of RecBole's data pipeline for one model and protocol, stage by stage, and optionally of the
+first training steps and one validation pass.
 
     python benchmarks/data_memory.py --model DualLLMSASRec --dataset ml-1m-half \
-        [--config_files benchmarks/protocols/llmesr_paper.yaml] [--out results/data_memory.md] [--key=value ...]
+        [--config_files benchmarks/protocols/llmesr_paper.yaml] [--train_steps 5] [--out results/data_memory.md]
+        [--key=value ...]
 
 Stages: imports, Config, ``create_dataset`` (the atomic files loaded), ``build()`` (RecBole's prefix augmentation,
-then the split; for ``llm_train_mode: all_positions`` the train split is then cut to one row per user). For each
-stage the current and the peak RSS of this process, then the rows and bytes of each split's tensors. It says where a
-training run's peak RSS comes from before any model exists.
+then the split; for ``llm_train_mode: all_positions`` the train split is then cut to one row per user). With
+``--train_steps N`` the split comes from RecBole's ``data_preparation`` (the dataloaders too), then the model and the
+launcher's trainer are built, N training steps run (the first and the last measured) and one validation pass. For
+each stage the current and the peak RSS of this process, then the rows and bytes of each split's tensors. It says
+which stage of a training run sets its peak RSS.
 """
 import argparse
 import os
@@ -30,7 +34,33 @@ def split_sizes(split):
     return len(split.inter_feat), sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
 
 
-def measure(model, dataset, config_files, extra):
+def training_stages(config, data, steps):
+    """``(stages, split datasets)`` of a training run's start: the dataloaders, the model and trainer, ``steps``
+    training steps and one validation pass, as the launcher runs them."""
+    from recbole.data import data_preparation
+
+    from recbole_llm.quick_start import _build_trainer
+    from recbole_llm.utils import get_model
+
+    train, valid, test = data_preparation(config, data)
+    stages = [("build and dataloaders", *rss_mb())]
+    model = get_model(config["model"])(config, train._dataset).to(config["device"])
+    trainer = _build_trainer(config, model, data, valid, test)
+    stages.append(("model and trainer", *rss_mb()))
+    model.train()
+    for step, batch in zip(range(steps), train):
+        losses = model.calculate_loss(batch)
+        trainer.optimizer.zero_grad()
+        (sum(losses) if isinstance(losses, tuple) else losses).backward()
+        trainer.optimizer.step()
+        if step in (0, steps - 1):
+            stages.append((f"training step {step + 1}", *rss_mb()))
+    trainer.evaluate(valid, load_best_model=False)
+    stages.append(("validation pass", *rss_mb()))
+    return stages, [train._dataset, valid._dataset, test._dataset]
+
+
+def measure(model, dataset, config_files, extra, train_steps=0):
     """``(stages, splits)``: ``[(stage, current MB, peak MB)]`` and ``[(split, rows, MB, fields)]``."""
     stages = [("interpreter", *rss_mb())]
     import recbole_llm  # noqa: F401  (compat fixes, as the launcher applies them)
@@ -43,8 +73,12 @@ def measure(model, dataset, config_files, extra):
     stages.append(("Config", *rss_mb()))
     data = create_dataset(config)
     stages.append(("create_dataset", *rss_mb()))
-    built = data.build()
-    stages.append(("build (augmentation, split)", *rss_mb()))
+    if train_steps:
+        later, built = training_stages(config, data, train_steps)
+        stages += later
+    else:
+        built = data.build()
+        stages.append(("build (augmentation, split)", *rss_mb()))
     splits = [(name, *split_sizes(split), ", ".join(split.inter_feat.interaction))
               for name, split in zip(("train", "valid", "test"), built)]
     return stages, splits
@@ -65,10 +99,12 @@ def main(argv):
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--config_files", default="", help="space-separated YAML files")
+    parser.add_argument("--train_steps", type=int, default=0,
+                        help="also measure the model, this many training steps and one validation pass")
     parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     args, extra = parser.parse_known_args(argv)
     require_key_values(parser, extra)
-    stages, splits = measure(args.model, args.dataset, args.config_files.split(), extra)
+    stages, splits = measure(args.model, args.dataset, args.config_files.split(), extra, args.train_steps)
     text = report(shlex.join(["python", "benchmarks/data_memory.py", *argv]), stages, splits)
     print(text)
     if args.out:

@@ -25,3 +25,17 @@ def test_stages_and_splits_of_the_all_positions_protocol(tmp_path, capsys):
     assert train_mb * 2 ** 20 == TINY_USERS * (8 + 8 + 4 + 8 + 7 * (8 + 4 + 8))
     report = out.read_text(encoding="utf-8")
     assert report.startswith("# Memory of the data pipeline") and "| build (augmentation, split) |" in report
+
+
+def test_training_stages_follow_the_data_stages(tmp_path):
+    data_memory = load_benchmark("data_memory")
+    write_tiny_dataset(tmp_path / "data")
+    protocol = str(REPO_ROOT / "benchmarks" / "protocols" / "all_positions.yaml")
+    keys = [f"--data_path={tmp_path / 'data'}", "--MAX_ITEM_LIST_LENGTH=7", "--train_batch_size=2",
+            "--load_col={'inter':['user_id','item_id','timestamp']}"]
+    stages, splits = data_memory.measure("SASRecAP", "test", [protocol], keys, train_steps=3)
+    assert [name for name, *_ in stages][3:] == ["create_dataset", "build and dataloaders", "model and trainer",
+                                                 "training step 1", "training step 3", "validation pass"]
+    peaks = [peak for _, _, peak in stages]
+    assert peaks == sorted(peaks)
+    assert [name for name, *_ in splits] == ["train", "valid", "test"] and splits[0][1] == TINY_USERS
