@@ -597,10 +597,10 @@ def backbone_row(row, rows):
     backbone, protocol = backbone_of(row["model"]), protocol_overrides(row["model"])
     candidates = [r for r in rows if model_of(r["model"]) == backbone and r["values"]["overall"]
                   and (r["dataset"], r["metric"]) == (row["dataset"], row["metric"])]
+    settings = _settings(row.get("protocol"))
     pool = ([r for r in candidates if row.get("protocol") and r.get("protocol") == row["protocol"]]
             or [r for r in candidates if r["section"] == row["section"]]
-            or [r for r in candidates
-                if row.get("protocol") and _settings(r.get("protocol")) == _settings(row["protocol"])]
+            or [r for r in candidates if settings and _settings(r.get("protocol")) == settings]
             or [r for r in candidates if r["section"] <= row["section"]] or candidates)
     same_protocol = [r for r in pool if protocol_overrides(r["model"]) == protocol] or pool
     plain = [r for r in same_protocol if len(split_variant(r["model"])[1]) == len(protocol_overrides(r["model"]))]
@@ -640,7 +640,7 @@ def summary_table(rows):
         changes = [relative_change(v, reference["values"][g]) if reference else "—"
                    for v, g in ((overall, "overall"), (tail, "tail_item"))]
         metric_cells = [format_mean_std(overall), format_mean_std(tail)] if row["seeds"] else ["failed", "—"]
-        keys = " ".join(row["protocol"]["keys"]) or "(none)" if row.get("protocol") else "—"
+        keys = (" ".join(row["protocol"]["keys"]) or "(none)") if row.get("protocol") else "—"
         lines.append([row["model"], keys, backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
                       _range_cell(row["epochs"]), _seeds_cell(row)])
     return markdown_table(header, lines)
