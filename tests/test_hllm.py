@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from recbole_llm.config import Config
 from recbole_llm.model import hllm_layers
-from recbole_llm.model.hllm_layers import (item_texts, item_token_table, nce_logits, nce_loss, softmax_logits,
-                                           softmax_loss)
+from recbole_llm.model.hllm_layers import (item_adapter_size, item_texts, item_token_table, nce_logits, nce_loss,
+                                           softmax_logits, softmax_loss)
 from recbole_llm.model.sequential_recommender.hllm import HLLM
 from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_recbole_llm
 from recbole_llm.text import SideData, item_vectors
@@ -195,7 +195,7 @@ def test_micro_batched_item_pass_gives_the_vectors_and_gradients_of_one_pass(e2e
         torch.testing.assert_close(micro_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
 
 
-def test_frozen_mode_trains_only_the_user_side(frozen):
+def test_frozen_mode_trains_the_user_side_and_the_item_adapter_but_not_the_table(frozen):
     model, _, train, _, _ = frozen
     assert not hasattr(model, "item_llm") and "item_table" in dict(model.named_buffers())
     table = model.item_table.clone()
@@ -203,7 +203,7 @@ def test_frozen_mode_trains_only_the_user_side(frozen):
     model.zero_grad()
     model.calculate_loss(next(iter(train))).backward()
     trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
-    assert trained == {"item_to_user", "user_llm", "user_to_item", "logit_scale"}
+    assert trained == {"item_to_user", "user_llm", "user_to_item", "logit_scale", "item_adapter"}  # auto: 1536 wide
     assert torch.equal(model.item_table, table)
 
 
@@ -291,7 +291,8 @@ def test_softmax_mode_scores_the_targets_against_the_whole_table_and_draws_no_ne
     batch = next(iter(train))
     model.calculate_loss(batch)
     targets = batch["item_id_target_list"]
-    assert torch.equal(seen["targets"], targets[targets > 0]) and seen["items"] is model.item_table
+    assert torch.equal(seen["targets"], targets[targets > 0])
+    assert torch.allclose(seen["items"], model.item_adapter(model.item_table))  # every item, through the adapter
     assert seen["negatives"] == 0
 
 
@@ -381,8 +382,9 @@ def test_checkpoint_reload_reproduces_the_test_result(workdir):
 
 # --- the item adapter (a deviation) ------------------------------------------------------------------------------
 
-def test_item_adapter_starts_at_the_frozen_vectors_then_moves_them_while_the_table_stays(workdir, frozen):
-    plain = frozen[0]
+def test_item_adapter_starts_at_the_frozen_vectors_then_moves_them_while_the_table_stays(workdir):
+    plain = build(hllm_config(workdir, hllm_item_adapter=0))[0]
+    assert plain.item_adapter is None
     adapted, _, train, _, test = build(hllm_config(workdir, hllm_item_adapter=8))
     missing = adapted.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(key.startswith("item_adapter.") for key in missing)
@@ -404,6 +406,16 @@ def test_item_adapter_starts_at_the_frozen_vectors_then_moves_them_while_the_tab
         assert not torch.allclose(vectors, table)
         assert torch.allclose(adapted.item_vectors(items), vectors[items], atol=1e-6)
 
+
+def test_item_adapter_auto_is_1536_wide_over_a_frozen_table_and_absent_end_to_end(workdir):
+    values = {key: value for key, value in hllm_config(workdir).items() if key != "hllm_num_negatives"}
+    default = Config(config_dict=values)
+    assert default["hllm_item_adapter"] == "auto" and default["hllm_num_negatives"] == 2048  # the YAML's defaults
+    assert item_adapter_size(default) == 1536
+    assert item_adapter_size(Config(config_dict=hllm_config(workdir, hllm_item_adapter=0))) == 0
+    model = build(end_to_end(workdir))[0]
+    assert model.item_adapter is None
+    assert not any(name.startswith("item_adapter.") for name in model.state_dict())
 
 
 def test_evaluation_runs_the_item_adapter_once_per_weight_state(workdir):
@@ -494,6 +506,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_micro_batch": 0}, r"hllm_item_micro_batch must be a positive number of items or ~"),
     ({"hllm_item_adapter": 8}, r"hllm_item_adapter trains a head over the frozen item table"),
     ({"hllm_item_adapter": -1, "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be a hidden width"),
+    ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),
 ])
 def test_clear_errors(workdir, overrides, message):
     named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}

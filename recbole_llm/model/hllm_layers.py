@@ -273,14 +273,22 @@ def item_micro_batch(config):
     return size
 
 
+ADAPTER_AUTO_WIDTH = 1536  # the width measured best on ml-100k and ml-1m-half (results/ml-1m-half-hllm.md)
+
+
 def item_adapter_size(config):
-    """``hllm_item_adapter``: the hidden width of the trainable head over the frozen item table, 0 for none."""
+    """``hllm_item_adapter``: the hidden width of the trainable head over the frozen item table, 0 for none;
+    ``auto`` is ``ADAPTER_AUTO_WIDTH`` when the table is frozen and 0 end to end, where the item LLM itself trains."""
     size = config["hllm_item_adapter"]
-    if size < 0:  # the config's type check has made it an int
-        raise RecBoleLLMError(f"hllm_item_adapter must be a hidden width (a positive int) or 0 (none), not {size!r}.")
-    if size and not config["hllm_freeze_item_llm"]:
+    frozen = config["hllm_freeze_item_llm"]
+    if size == "auto":
+        return ADAPTER_AUTO_WIDTH if frozen else 0
+    if isinstance(size, str) or size < 0:  # the config's type check has made it an int or a str
+        raise RecBoleLLMError(f"hllm_item_adapter must be a hidden width (a positive int), 0 (none) or auto, not "
+                              f"{size!r}.")
+    if size and not frozen:
         raise RecBoleLLMError("hllm_item_adapter trains a head over the frozen item table (hllm_freeze_item_llm: "
-                              "True); end to end the item LLM itself trains. Set hllm_item_adapter: 0.")
+                              "True); end to end the item LLM itself trains. Set hllm_item_adapter: 0 or auto.")
     return size
 
 

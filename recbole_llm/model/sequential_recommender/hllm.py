@@ -63,11 +63,13 @@ class HLLM(SequentialRecommender):
       through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
       0), plus ``hllm_gen_weight`` times the generative loss above; scores are the MLP's logits. Early fusion (one
       user-LLM pass per candidate) is not implemented.
-    - ``hllm_item_adapter: <width>`` (a deviation, frozen mode only; 0, none, is the paper's item caching): a
-      trainable residual MLP over each frozen item vector (``hllm_layers.ItemAdapter``, its output layer zero at
-      the start), whose output is the item vector everywhere: the user LLM's input, the targets, the negatives
-      and the ranking. It lets a frozen table move the way end-to-end training moves the item LLM's top, at the
-      cost of an MLP over the step's distinct items.
+    - ``hllm_item_adapter`` (a deviation, frozen mode only; ``auto``, the default, is width 1536 when frozen and
+      none end to end; 0, none, is the paper's item caching): a trainable residual MLP over each frozen item
+      vector (``hllm_layers.ItemAdapter``, its output layer zero at the start), whose output is the item vector
+      everywhere: the user LLM's input, the targets, the negatives and the ranking. It lets a frozen table move
+      the way end-to-end training moves the item LLM's top, at the cost of an MLP over the step's distinct items.
+      Effect, with ``hllm_num_negatives: 2048`` (also the default; the CPU default used to draw 512): Recall@10
+      on ml-1m-half 0.2247 +- 0.0026 against 0.1738 +- 0.0052 without it (+29%, seeds 42-44, higher at each).
 
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
