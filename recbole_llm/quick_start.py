@@ -68,8 +68,9 @@ def run_recbole_llms(rank, *args):
 
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """One process of a run, in the order of RecBole's ``run_recbole`` so that stock models give its numbers."""
-    compat.keep_freed_memory()
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    if config["llm_keep_freed_memory"]:
+        compat.keep_freed_memory()
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

@@ -10,7 +10,7 @@ from recbole.data import create_dataset, data_preparation
 
 import recbole_llm  # noqa: F401  (applies the fixes)
 from conftest import run_python, tiny_config, write_tiny_dataset
-from recbole_llm import compat
+from recbole_llm import compat, quick_start
 from recbole_llm.quick_start import objective_function
 
 
@@ -101,6 +101,26 @@ def test_no_ray_no_recbole_quick_start_and_anomaly_off(tmp_path):
 
 def test_keep_freed_memory_sets_glibc_thresholds():
     assert compat.keep_freed_memory() is True
+
+
+class _StopAfterConfig(Exception):
+    pass
+
+
+def _stop(*args):
+    raise _StopAfterConfig
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_launcher_keeps_freed_memory_only_under_llm_keep_freed_memory(tmp_path, monkeypatch, keep):
+    write_tiny_dataset(tmp_path / "data")
+    calls = []
+    monkeypatch.setattr(compat, "keep_freed_memory", lambda: calls.append("mallopt") or True)
+    monkeypatch.setattr(quick_start, "init_seed", _stop)  # the run ends right after the malloc settings
+    config = tiny_config(tmp_path, **({} if keep else {"llm_keep_freed_memory": False}))  # True is the default
+    with pytest.raises(_StopAfterConfig):
+        quick_start.run_recbole_llm(model="SASRecAP", config_dict=config)
+    assert calls == (["mallopt"] if keep else [])
 
 
 def test_ensure_dir_survives_a_concurrent_creation(tmp_path, monkeypatch):

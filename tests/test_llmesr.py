@@ -276,6 +276,29 @@ def test_faithful_cross_attention_replaces_the_views(data_dir):
     assert not any("cross_norm" in name for name in net.state_dict())  # faithful checkpoints keep their keys
 
 
+@pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_GRU4Rec", "LLMESR_Bert4Rec"])
+def test_activation_checkpointing_recomputes_the_views_and_leaves_the_gradients_unchanged(data_dir, model):
+    grads, encodes_with_grad = [], []
+    for checkpointing in (False, True):
+        net, batch, *_ = build(data_dir, model, llmesr_activation_checkpointing=checkpointing)
+        encode = net._encode
+
+        def counted(*args, encode=encode, checkpointing=checkpointing):
+            if torch.is_grad_enabled():
+                encodes_with_grad.append(checkpointing)
+            return encode(*args)
+
+        net._encode = counted
+        net.train()
+        torch.manual_seed(1)  # the same dropout masks in both runs, which the recomputation must replay
+        total_loss(net, batch).backward()
+        grads.append({name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None})
+    assert encodes_with_grad.count(False) == 2 and encodes_with_grad.count(True) == 4  # 2 views, then again in backward
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
 def test_cross_norm_gets_gradient(data_dir):
     net, batch, *_ = build(data_dir, llmesr_cross_residual=True, llmesr_cross_norm=True)
     total_loss(net, batch).backward()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from recbole.utils import InputType
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from recbole_llm.data.dataset import target_list_field
 from recbole_llm.model.layers import (CrossViewAttention, llm_adapter, per_row_user_vectors, sample_negatives,
@@ -52,6 +53,10 @@ class DualLLM:
     product in the score; ``llmesr_init: xavier`` is the official init of the adapter and cross-attention;
     ``llmesr_input_scale: False`` (transformer backbones) drops the official sqrt(width) scaling of the item
     embeddings, as RecBole's SASRec and BERT4Rec feed them.
+
+    Systems: ``llmesr_activation_checkpointing`` recomputes each cross-attention and each view's encoder in the
+    backward pass instead of keeping their activations (``torch.utils.checkpoint``, non-reentrant, dropout replayed
+    from the saved RNG state): the same gradients, less memory, one more forward of those parts per step.
     """
 
     llm_train_modes = ("prefix", "all_positions")
@@ -71,6 +76,7 @@ class DualLLM:
         if not (self.use_id_view or self.use_llm_view):
             raise RecBoleLLMError("llmesr_use_id_view and llmesr_use_llm_view are both False: keep at least one view.")
         self.llm_score_weight = config["llmesr_llm_score_weight"]
+        self.activation_checkpointing = config["llmesr_activation_checkpointing"]
         self._init_llm_view(config, dataset)
         self._init_id_view(config, dataset)
         self._init_cross_attention(config)
@@ -126,8 +132,8 @@ class DualLLM:
         id_view = self._view_input(self.item_embedding(item_seq), item_seq)
         llm_view = self._view_input(self.adapter(self.llm_item_embedding(item_seq)), item_seq)
         if self.use_cross_attention:
-            id_view, llm_view = (self._cross(self.llm_to_id, llm_view, id_view, item_seq),
-                                 self._cross(self.id_to_llm, id_view, llm_view, item_seq))
+            id_view, llm_view = (self._recomputed(self._cross, self.llm_to_id, llm_view, id_view, item_seq),
+                                 self._recomputed(self._cross, self.id_to_llm, id_view, llm_view, item_seq))
         return [view for view, used in ((id_view, self.use_id_view), (llm_view, self.use_llm_view)) if used]
 
     def _cross(self, attention, query_view, own_view, item_seq):
@@ -140,7 +146,15 @@ class DualLLM:
 
     def sequence_features(self, item_seq):
         """``[B, L, views * view_size]``: the shared encoder's output for each view, concatenated."""
-        return torch.cat([self._encode(view, item_seq) for view in self._view_inputs(item_seq)], dim=-1)
+        return torch.cat([self._recomputed(self._encode, view, item_seq) for view in self._view_inputs(item_seq)],
+                         dim=-1)
+
+    def _recomputed(self, function, *args):
+        """``function(*args)``; with ``llmesr_activation_checkpointing`` in a training pass, its activations are not
+        kept but recomputed in backward."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
     def forward(self, item_seq, item_seq_len):
         """The user vector ``[B, views * view_size]``: the features at the last item."""
