@@ -11,7 +11,7 @@ then the split; for ``llm_train_mode: all_positions`` the train split is then cu
 launcher's trainer are built, N training steps run (the first and the last measured) and one validation pass. For
 each stage the current and the peak RSS of this process, then the rows and bytes of each split's tensors. It says
 which stage of a training run sets its peak RSS. glibc's malloc is set as the launcher sets it
-(``llm_keep_freed_memory``), so the peak is a launcher run's.
+(``llm_malloc``), so the peak is a launcher run's.
 """
 import argparse
 import os
@@ -66,14 +66,13 @@ def measure(model, dataset, config_files, extra, train_steps=0):
     stages = [("interpreter", *rss_mb())]
     import recbole_llm  # noqa: F401  (compat fixes, as the launcher applies them)
     from recbole_llm.config import Config
+    from recbole_llm.quick_start import set_malloc
     from recbole_llm.utils import create_dataset
 
     stages.append(("imports", *rss_mb()))
     with config_argv(extra):
         config = Config(model=model, dataset=dataset, config_file_list=config_files, config_dict={"state": "ERROR"})
-    if config["llm_keep_freed_memory"]:  # the launcher's malloc settings, which set how much freed memory RSS keeps
-        from recbole_llm import compat
-        compat.keep_freed_memory()
+    set_malloc(config)  # the launcher's malloc settings, which decide how much freed memory the RSS keeps
     stages.append(("Config", *rss_mb()))
     data = create_dataset(config)
     stages.append(("create_dataset", *rss_mb()))

@@ -26,8 +26,9 @@ NUMPY_ALIASES = {
 }
 
 # glibc mallopt parameters (malloc.h), and how much freed heap to keep / grow by at a time.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _KEEP_BYTES, _TOP_PAD_BYTES = 2**31 - 1, 256 * 1024 * 1024
+_GLIBC_MMAP_MAX, _GLIBC_PAD_BYTES = 65536, 128 * 1024  # glibc's initial values, fixed so that they never rise
 
 
 def install_numpy_aliases():
@@ -195,6 +196,15 @@ def disable_anomaly_detection():
     torch.autograd.set_detect_anomaly(False)
 
 
+def _mallopt(*settings):
+    """Apply glibc ``mallopt`` (parameter, value) pairs; False where the C library is not glibc (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all([mallopt(parameter, value) for parameter, value in settings])
+
+
 def keep_freed_memory():
     """Stop glibc from handing large tensor buffers back to the OS after each step.
 
@@ -203,14 +213,22 @@ def keep_freed_memory():
     With mmap off for malloc and a high trim threshold, freed buffers stay in the heap and are reused. Returns False
     where the C library is not glibc, where nothing is changed.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_MAX, 0)
-    ok &= mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
-    ok &= mallopt(_M_TOP_PAD, _TOP_PAD_BYTES)
-    return bool(ok)
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_TOP_PAD, _TOP_PAD_BYTES))
+
+
+def return_freed_memory():
+    """Hand every large freed buffer back to the OS: glibc's initial mmap and trim thresholds (128 KiB), fixed.
+
+    By default glibc raises that threshold to the size of any mmapped buffer it frees (up to 32 MB), so later
+    buffers of that size come from the heap, which fragments and keeps the RSS of a run's largest steps. Returns
+    False where the C library is not glibc, where nothing is changed.
+    """
+    return _mallopt((_M_MMAP_MAX, _GLIBC_MMAP_MAX), (_M_MMAP_THRESHOLD, _GLIBC_PAD_BYTES),
+                    (_M_TRIM_THRESHOLD, _GLIBC_PAD_BYTES), (_M_TOP_PAD, _GLIBC_PAD_BYTES))
+
+
+# llm_malloc: the launcher's glibc malloc settings, by name.
+MALLOC_MODES = {"keep": keep_freed_memory, "lean": return_freed_memory, "glibc": lambda: True}
 
 
 def apply():

@@ -17,7 +17,8 @@ from recbole.utils import ModelType, get_environment, get_flops, get_local_time,
 from recbole_llm import compat
 from recbole_llm.config import Config
 from recbole_llm.evaluator import attach_group_metrics, attach_history_exclusion
-from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model, get_trainer, read_checkpoint
+from recbole_llm.utils import (RecBoleLLMError, config_choice, create_dataset, get_model, get_trainer,
+                               read_checkpoint)
 
 
 def run(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1,
@@ -66,11 +67,15 @@ def run_recbole_llms(rank, *args):
     run_recbole_llm(*args[:3], **kwargs)
 
 
+def set_malloc(config):
+    """glibc's malloc as ``llm_malloc`` names it (``compat.MALLOC_MODES``), before the data and model allocate."""
+    compat.MALLOC_MODES[config_choice(config, "llm_malloc", compat.MALLOC_MODES)]()
+
+
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """One process of a run, in the order of RecBole's ``run_recbole`` so that stock models give its numbers."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    if config["llm_keep_freed_memory"]:
-        compat.keep_freed_memory()
+    set_malloc(config)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

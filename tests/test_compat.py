@@ -12,6 +12,7 @@ import recbole_llm  # noqa: F401  (applies the fixes)
 from conftest import run_python, tiny_config, write_tiny_dataset
 from recbole_llm import compat, quick_start
 from recbole_llm.quick_start import objective_function
+from recbole_llm.utils import RecBoleLLMError
 
 
 def test_recbole_config_builds_and_metrics_use_numpy_aliases(tiny):
@@ -111,16 +112,35 @@ def _stop(*args):
     raise _StopAfterConfig
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_the_launcher_keeps_freed_memory_only_under_llm_keep_freed_memory(tmp_path, monkeypatch, keep):
+@pytest.mark.parametrize("mode", ["keep", "lean", "glibc"])
+def test_the_launcher_sets_malloc_as_llm_malloc_names_it(tmp_path, monkeypatch, mode):
     write_tiny_dataset(tmp_path / "data")
     calls = []
-    monkeypatch.setattr(compat, "keep_freed_memory", lambda: calls.append("mallopt") or True)
+    for name in ("keep", "lean"):
+        monkeypatch.setitem(compat.MALLOC_MODES, name, lambda name=name: calls.append(name) or True)
     monkeypatch.setattr(quick_start, "init_seed", _stop)  # the run ends right after the malloc settings
-    config = tiny_config(tmp_path, **({} if keep else {"llm_keep_freed_memory": False}))  # True is the default
+    config = tiny_config(tmp_path, **({} if mode == "keep" else {"llm_malloc": mode}))  # keep is the default
     with pytest.raises(_StopAfterConfig):
         quick_start.run_recbole_llm(model="SASRecAP", config_dict=config)
-    assert calls == (["mallopt"] if keep else [])
+    assert calls == ([] if mode == "glibc" else [mode])
+
+
+def test_lean_malloc_returns_freed_buffers_to_the_os():
+    compat.keep_freed_memory()  # from the launcher's default, which keeps them
+    assert compat.return_freed_memory() is True
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+    before = rss()
+    buffer = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    assert rss() - before > 48 * 2**20
+    del buffer
+    assert rss() - before < 16 * 2**20
+    compat.keep_freed_memory()  # the launcher's default again for the rest of this process
+
+
+def test_unknown_llm_malloc_names_the_modes(tmp_path):
+    write_tiny_dataset(tmp_path / "data")
+    with pytest.raises(RecBoleLLMError, match=r"config key 'llm_malloc' must be one of keep, lean, glibc, got 'tight'"):
+        quick_start.run_recbole_llm(model="SASRecAP", config_dict=tiny_config(tmp_path, llm_malloc="tight"))
 
 
 def test_ensure_dir_survives_a_concurrent_creation(tmp_path, monkeypatch):
