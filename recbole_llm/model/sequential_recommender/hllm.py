@@ -46,8 +46,8 @@ class HLLM(SequentialRecommender):
       last MAX_ITEM_LIST_LENGTH + 1 training items with a target at every position; the official code also trains
       the earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
     - **Modes**: end to end (both LLMs train), or ``hllm_freeze_item_llm``: every item vector is computed once at
-      build time and kept as a buffer; the item LLM is then dropped and only the user LLM trains (the paper's item
-      caching). End to end, all items are embedded once per evaluation, in batches under ``no_grad``, and kept
+      build time and kept as a buffer; the item LLM is then dropped and only the user LLM (and the item adapter
+      below) trains (the paper's item caching). End to end, all items are embedded once per evaluation, in batches under ``no_grad``, and kept
       until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
     - **Frozen item vectors** (``hllm_item_text``). ``prompt`` (faithful; the only choice end to end): the item LLM
       over the official text above, cached under a fingerprint of its weights and token table. Deviation,
