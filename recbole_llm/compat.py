@@ -28,7 +28,9 @@ NUMPY_ALIASES = {
 # glibc mallopt parameters (malloc.h), and how much freed heap to keep / grow by at a time.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _KEEP_BYTES, _TOP_PAD_BYTES = 2**31 - 1, 256 * 1024 * 1024
-_GLIBC_MMAP_MAX, _GLIBC_PAD_BYTES = 65536, 128 * 1024  # glibc's initial values, fixed so that they never rise
+# glibc's initial mmap count limit and its initial mmap threshold, trim threshold and top pad (mallopt(3)); set
+# explicitly, they stop glibc from raising the thresholds as it runs
+_GLIBC_MMAP_MAX, _GLIBC_INITIAL_BYTES = 65536, 128 * 1024
 
 
 def install_numpy_aliases():
@@ -223,8 +225,8 @@ def return_freed_memory():
     buffers of that size come from the heap, which fragments and keeps the RSS of a run's largest steps. Returns
     False where the C library is not glibc, where nothing is changed.
     """
-    return _mallopt((_M_MMAP_MAX, _GLIBC_MMAP_MAX), (_M_MMAP_THRESHOLD, _GLIBC_PAD_BYTES),
-                    (_M_TRIM_THRESHOLD, _GLIBC_PAD_BYTES), (_M_TOP_PAD, _GLIBC_PAD_BYTES))
+    return _mallopt((_M_MMAP_MAX, _GLIBC_MMAP_MAX), (_M_MMAP_THRESHOLD, _GLIBC_INITIAL_BYTES),
+                    (_M_TRIM_THRESHOLD, _GLIBC_INITIAL_BYTES), (_M_TOP_PAD, _GLIBC_INITIAL_BYTES))
 
 
 # llm_malloc: the launcher's glibc malloc settings, by name.

@@ -47,8 +47,9 @@ class HLLM(SequentialRecommender):
       the earlier non-overlapping windows of long histories (its ``data_split``), which this mode drops.
     - **Modes**: end to end (both LLMs train), or ``hllm_freeze_item_llm``: every item vector is computed once at
       build time and kept as a buffer; the item LLM is then dropped and only the user LLM (and the item adapter
-      below) trains (the paper's item caching). End to end, all items are embedded once per evaluation, in batches under ``no_grad``, and kept
-      until any item-LLM weight changes; ``full_sort_predict`` is one product of cosines.
+      below) trains (the paper's item caching). End to end, all items are embedded once per evaluation, in batches
+      under ``no_grad``, and kept until any item-LLM weight changes; ``full_sort_predict`` is one product of
+      cosines.
     - **Frozen item vectors** (``hllm_item_text``). ``prompt`` (faithful; the only choice end to end): the item LLM
       over the official text above, cached under a fingerprint of its weights and token table. Deviation,
       ``side_data`` (``auto``'s choice when the frozen item LLM is the side-data encoder ``llm_encoder``, e.g. the
