@@ -17,9 +17,17 @@ checkpoint for the next stage, and reports metrics, time and parameters (total a
 and the distilled student are timed side by side in one process (``--side_by_side TEACHER STUDENT`` does only that).
 The SLMRec stages share ``--config_files``; every stage gets the ``--key=value`` arguments. The report goes to
 ``--out``, with the YAML of every stage.
+
+    python benchmarks/slmrec_pipeline.py --pool REPORT [REPORT ...] --out results/<dataset>-slmrec-seeds.md
+
+pools the reports of runs at different seeds: each stage's test metrics as mean ± std, and the per-seed
+differences between stages (the distilled student against the teacher and against the student alone). The reports
+must share their stages and YAML (the checkpoints' time stamps aside) and differ in seed.
 """
 import argparse
+import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,6 +35,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+METRICS_HEADING = "## Metrics (test, at the best validation epoch)"
+GROUPS_HEADING = "## By long-tail group (test)"
 
 # ---------------------------------------------------------------- worker: compare's, plus the total parameter count
 
@@ -171,15 +182,98 @@ def render(args, command, runs):
     for path in dict.fromkeys([args.sasrec_config, *args.config_files.split()]):
         with open(path, encoding="utf-8") as f:
             out += ["", f"`{path}`:", "", "```yaml", f.read().rstrip(), "```"]
-    out += ["", "## Metrics (test, at the best validation epoch)", "", compare.overall_table(models, valid_metric), ""]
+    out += ["", METRICS_HEADING, "", compare.overall_table(models, valid_metric), ""]
     groups = compare.group_table(models, compare.group_metric_keys(models, valid_metric))
     if groups:
-        out += ["## By long-tail group (test)", "", groups, ""]
+        out += [GROUPS_HEADING, "", groups, ""]
     out += ["## Efficiency", "", efficiency_table(runs, args), "", compare.cost_table(models), ""]
     failed = compare.failed_lines(runs)
     if failed:
         out += ["## Failed stages", "", *failed, ""]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- --pool: the reports of several seeds in one table
+
+POOLED_COLUMNS = [("test ndcg@10", "NDCG@10"), ("test hit@10", "HR@10"), ("test fullmrr", "FullMRR"),
+                  ("tail_item", "tail-item NDCG@10"), ("head_item", "head-item NDCG@10")]
+PAIRS = [("student_distilled", "teacher"), ("student_distilled", "student_alone"), ("student_alone", "teacher")]
+
+
+def markdown_rows(text, heading):
+    """The rows of the first Markdown table under ``heading``, as dicts of header -> cell; [] without one."""
+    if f"\n{heading}\n" not in text:
+        return []
+    lines = text.split(f"\n{heading}\n", 1)[1].lstrip("\n").splitlines()
+    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+             for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def report_values(path):
+    """``(seed, protocol, {stage: {column: value}})`` of one pipeline report; the protocol is its stages and YAML,
+    with the checkpoints' time stamps taken out."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    title = re.search(r"^# SLMRec pipeline on .+, seed (\d+)$", text, re.MULTILINE)
+    if not title or "\n## Stages\n" not in text:
+        raise SystemExit(f"{path}: not a report of benchmarks/slmrec_pipeline.py (no title line or Stages section)")
+    protocol = text.split("\n## Stages\n", 1)[1].split(f"\n{METRICS_HEADING}\n", 1)[0]
+    values = {}
+    rows = markdown_rows(text, METRICS_HEADING) + [
+        {"model": row["model"], **{group: row[group] for group in ("tail_item", "head_item")}}
+        for row in markdown_rows(text, GROUPS_HEADING) if row["metric"] == "ndcg@10"]
+    for row in rows:
+        for column, _ in POOLED_COLUMNS:
+            if column in row:
+                try:
+                    values.setdefault(row["model"], {})[column] = float(row[column])
+                except ValueError:
+                    raise SystemExit(f"{path}: stage {row['model']} has no {column} ({row[column]!r}); pool only "
+                                     f"reports whose stages all succeeded") from None
+    return int(title.group(1)), re.sub(r"\d{8}-\d{6}", "<stamp>", protocol), values
+
+
+def pooled_report(paths, command):
+    """The Markdown of ``--pool``: every stage's metrics over the seeds, and the stages' per-seed differences."""
+    reports = sorted(((*report_values(path), path) for path in paths), key=lambda report: report[0])
+    seeds = [seed for seed, *_ in reports]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"two reports have the same seed ({seeds}); pool one report per seed")
+    for seed, protocol, _, path in reports[1:]:
+        if protocol != reports[0][1]:
+            raise SystemExit(f"{path} ran other stages or YAML than {reports[0][3]}; only runs of one protocol pool")
+    values = [stage_values for _, _, stage_values, _ in reports]
+    stages = [stage for stage in values[0] if all(stage in v for v in values)]
+    rows = [[stage] + [compare.format_mean_std([v[stage][column] for v in values]) for column, _ in POOLED_COLUMNS]
+            for stage in stages]
+    differences = []
+    for a, b in PAIRS:
+        if a in stages and b in stages:
+            deltas = [v[a]["test ndcg@10"] - v[b]["test ndcg@10"] for v in values]
+            mean, std = compare.mean_std(deltas)
+            differences.append([f"{a} − {b}", f"{mean:+.4f} ± {std:.4f}", " ".join(f"{d:+.4f}" for d in deltas),
+                                f"{sum(d > 0 for d in deltas)} of {len(deltas)}"])
+    return "\n".join([
+        "# SLMRec pipeline: the seeds pooled", "", f"- Command: `{command}`",
+        f"- Seeds: {', '.join(map(str, seeds))}; reports: {', '.join(f'`{path}`' for *_, path in reports)}", "",
+        "Test metrics at each stage's best validation epoch, mean ± sample std over the seeds:", "",
+        compare.markdown_table(["stage", *(header for _, header in POOLED_COLUMNS)], rows), "",
+        "Test NDCG@10 differences between stages, seed by seed (in the order above):", "",
+        compare.markdown_table(["stages", "mean ± std", "per seed", "higher in"], differences), ""])
+
+
+def pool_main(argv):
+    parser = argparse.ArgumentParser(prog="slmrec_pipeline.py --pool", allow_abbrev=False,
+                                     description="Pool the reports of pipeline runs at different seeds.")
+    parser.add_argument("reports", nargs="+")
+    parser.add_argument("--out", required=True, help="Markdown file of the pooled tables")
+    args = parser.parse_args(argv)
+    report = pooled_report(args.reports, shlex.join(["python", "benchmarks/slmrec_pipeline.py", "--pool", *argv]))
+    print(report)
+    compare.write_text_atomic(args.out, report + "\n")
+    print(f"written to {args.out}")
+    return 0
 
 
 def parse_args(argv):
@@ -208,6 +302,8 @@ def parse_args(argv):
 def main(argv):
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1:])
+    if argv[:1] == ["--pool"]:
+        return pool_main(argv[1:])
     args = parse_args(argv)
     out = args.out or os.path.join("results", f"{args.dataset}-slmrec.md")
     if args.side_by_side:
