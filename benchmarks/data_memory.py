@@ -8,15 +8,17 @@ first training steps and one validation pass.
 Stages: imports, Config, ``create_dataset`` (the atomic files loaded), ``build()`` (RecBole's prefix augmentation,
 then the split; for ``llm_train_mode: all_positions`` the train split is then cut to one row per user). With
 ``--train_steps N`` the split comes from RecBole's ``data_preparation`` (the dataloaders too), then the model and the
-launcher's trainer are built, N training steps run (the first and the last measured) and one validation pass. For
-each stage the current and the peak RSS of this process, then the rows and bytes of each split's tensors. It says
-which stage of a training run sets its peak RSS. glibc's malloc is set as the launcher sets it
-(``llm_malloc``), so the peak is a launcher run's.
+launcher's trainer are built, N training steps run through the trainer's own epoch loop (the first and the last
+measured) and one validation pass. For each stage the current and the peak RSS of this process, then the median
+seconds of a training step and the rows and bytes of each split's tensors. It says which stage of a training run
+sets its peak RSS. glibc's malloc is set as the launcher sets it (``llm_malloc``), so the peak is a launcher run's.
 """
 import argparse
 import os
 import shlex
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import config_argv, markdown_table, peak_rss_mb, require_key_values, write_text_atomic  # noqa: E402
@@ -35,9 +37,36 @@ def split_sizes(split):
     return len(split.inter_feat), sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
 
 
+class FirstBatches:
+    """The first ``steps`` batches of a dataloader, handed to the trainer's own ``_train_epoch`` so that the measured
+    steps are the launcher's (its accumulation, autocast, clipping and schedule). It records the RSS after the
+    first batch's step and after the last, and the seconds of each step: from handing out its batch until the
+    trainer asks for the next one (the loader's own time left out)."""
+
+    def __init__(self, loader, steps, stages):
+        self.loader, self.steps, self.stages = loader, min(steps, len(loader)), stages
+        self.step_seconds = []
+
+    def __len__(self):
+        return self.steps
+
+    def __getattr__(self, name):  # shuffle, sampler, _dataset: the trainer reads them from the loader
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for step, batch in zip(range(self.steps), self.loader):
+            if step == 1:
+                self.stages.append(("training step 1", *rss_mb()))
+            start = time.perf_counter()
+            yield batch
+            self.step_seconds.append(time.perf_counter() - start)
+        self.stages.append((f"training step {self.steps}", *rss_mb()))
+
+
 def training_stages(config, data, steps):
-    """``(stages, split datasets)`` of a training run's start: the dataloaders, the model and trainer, ``steps``
-    training steps and one validation pass, as the launcher runs them."""
+    """``(stages, split datasets, seconds of each step)`` of a training run's start: the dataloaders, the model and
+    trainer, ``steps`` training steps through the trainer's ``_train_epoch`` and one validation pass, as the
+    launcher runs them."""
     from recbole.data import data_preparation
 
     from recbole_llm.quick_start import _build_trainer
@@ -48,21 +77,16 @@ def training_stages(config, data, steps):
     model = get_model(config["model"])(config, train._dataset).to(config["device"])
     trainer = _build_trainer(config, model, data, valid, test)
     stages.append(("model and trainer", *rss_mb()))
-    model.train()
-    for step, batch in zip(range(steps), train):
-        losses = model.calculate_loss(batch)
-        trainer.optimizer.zero_grad()
-        (sum(losses) if isinstance(losses, tuple) else losses).backward()
-        trainer.optimizer.step()
-        if step in (0, steps - 1):
-            stages.append((f"training step {step + 1}", *rss_mb()))
+    batches = FirstBatches(train, steps, stages)
+    trainer._train_epoch(batches, epoch_idx=0)
     trainer.evaluate(valid, load_best_model=False)
     stages.append(("validation pass", *rss_mb()))
-    return stages, [train._dataset, valid._dataset, test._dataset]
+    return stages, [train._dataset, valid._dataset, test._dataset], batches.step_seconds
 
 
 def measure(model, dataset, config_files, extra, train_steps=0):
-    """``(stages, splits)``: ``[(stage, current MB, peak MB)]`` and ``[(split, rows, MB, fields)]``."""
+    """``(stages, splits, step seconds)``: ``[(stage, current MB, peak MB)]``, ``[(split, rows, MB, fields)]`` and
+    the seconds of each training step (none without ``train_steps``)."""
     stages = [("interpreter", *rss_mb())]
     import recbole_llm  # noqa: F401  (compat fixes, as the launcher applies them)
     from recbole_llm.config import Config
@@ -76,22 +100,33 @@ def measure(model, dataset, config_files, extra, train_steps=0):
     stages.append(("Config", *rss_mb()))
     data = create_dataset(config)
     stages.append(("create_dataset", *rss_mb()))
+    step_seconds = []
     if train_steps:
-        later, built = training_stages(config, data, train_steps)
+        later, built, step_seconds = training_stages(config, data, train_steps)
         stages += later
     else:
         built = data.build()
         stages.append(("build (augmentation, split)", *rss_mb()))
     splits = [(name, *split_sizes(split), ", ".join(split.inter_feat.interaction))
               for name, split in zip(("train", "valid", "test"), built)]
-    return stages, splits
+    return stages, splits, step_seconds
 
 
-def report(command, stages, splits):
+def step_time_line(step_seconds):
+    """The median training step after the first (whose one-off warm-up it leaves out); '' with fewer than 2."""
+    if len(step_seconds) < 2:
+        return []
+    later = step_seconds[1:]
+    return [f"Training steps 2–{len(step_seconds)}: median {statistics.median(later):.2f} s per step "
+            f"(step 1: {step_seconds[0]:.2f} s).", ""]
+
+
+def report(command, stages, splits, step_seconds=()):
     return "\n".join([
         "# Memory of the data pipeline", "", f"Command: `{command}`", "",
         markdown_table(["stage", "current RSS MB", "peak RSS MB"],
                        [[name, f"{current:,.0f}", f"{peak:,.0f}"] for name, current, peak in stages]), "",
+        *step_time_line(list(step_seconds)),
         markdown_table(["split", "rows", "tensor MB", "fields"],
                        [[name, f"{rows:,}", f"{mb:,.1f}", fields] for name, rows, mb, fields in splits]), ""])
 
@@ -107,8 +142,9 @@ def main(argv):
     parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     args, extra = parser.parse_known_args(argv)
     require_key_values(parser, extra)
-    stages, splits = measure(args.model, args.dataset, args.config_files.split(), extra, args.train_steps)
-    text = report(shlex.join(["python", "benchmarks/data_memory.py", *argv]), stages, splits)
+    stages, splits, step_seconds = measure(args.model, args.dataset, args.config_files.split(), extra,
+                                           args.train_steps)
+    text = report(shlex.join(["python", "benchmarks/data_memory.py", *argv]), stages, splits, step_seconds)
     print(text)
     if args.out:
         write_text_atomic(args.out, text)

@@ -513,3 +513,16 @@ def test_clear_errors(workdir, overrides, message):
     overrides = {key: named.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
     with pytest.raises(RecBoleLLMError, match=message):
         build(hllm_config(workdir, **{"hllm_freeze_item_llm": False, **overrides}))
+
+
+def test_end_to_end_cpu_preset_sets_declared_keys_of_the_right_type(workdir):
+    """Config files are not checked against the property files, so a misspelt key in the preset would do nothing."""
+    import yaml
+
+    preset = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols" / "hllm_end_to_end_cpu.yaml"
+    keys = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    config = Config(model="HLLM", dataset="test", config_file_list=[str(preset)],
+                    config_dict={k: v for k, v in hllm_config(workdir).items() if k not in keys})
+    assert set(keys) <= set(config.key_types)  # the keys the property files declare
+    assert {key: config[key] for key in keys} == {"hllm_freeze_item_llm": False, "hllm_item_num_layers": 2,
+                                                   "llm_gradient_checkpointing": True, "hllm_item_micro_batch": 256}
