@@ -113,7 +113,8 @@ def measure(model, dataset, config_files, extra, train_steps=0):
 
 
 def step_time_line(step_seconds):
-    """The median training step after the first (whose one-off warm-up it leaves out); '' with fewer than 2."""
+    """The report's line on the median training step after the first (whose one-off warm-up it leaves out); no line
+    with fewer than 2 steps."""
     if len(step_seconds) < 2:
         return []
     later = step_seconds[1:]
