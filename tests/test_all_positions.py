@@ -1,11 +1,13 @@
 """llm_train_mode 'all_positions' (DESIGN.md §6): the one-row-per-user dataset, and SASRecAP, GRU4RecAP and
 BERT4RecAP, its baselines: RecBole's SASRec and GRU4Rec with the loss at every position, and BERT4Rec on the
 user's cloze rows (their masking: tests/test_cloze.py)."""
+import math
 from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation
 from recbole.data.interaction import Interaction
@@ -319,6 +321,58 @@ def test_llmesr_paper_protocol_ranks_each_target_among_100_sampled_items(tiny):
     for user, target in zip(users[::101], items[::101]):
         block = items[users == user]
         assert block[0] == target and len(block) == 101 and not (block[1:] == target).any()
+
+
+# (f2) logit adjustment (llm_logit_adjustment)
+
+def hand_prior(targets, n_items, tau):
+    """tau * log of add-one smoothed counts of the non-padding ``targets``, counted in Python."""
+    counts = [1] * n_items
+    for item in targets.flatten().tolist():
+        if item > 0:
+            counts[item] += 1
+    return torch.tensor([tau * math.log(c / sum(counts)) for c in counts])
+
+
+@PAIRS
+def test_logit_prior_is_tau_times_the_log_share_of_the_training_targets(tiny, ours_class, stock_class):
+    config, train, _, _ = prepare(tiny, model=ours_class.__name__, llm_logit_adjustment=0.5)
+    model = ours_class(config, train.dataset)
+    expected = hand_prior(train.dataset.inter_feat[TARGETS], train.dataset.item_num, 0.5)
+    assert torch.allclose(model.logit_prior, expected, atol=1e-6)
+    assert "logit_prior" not in model.state_dict()  # rebuilt from the data: a stock state dict still loads
+    off_config, off_train, _, _ = prepare(tiny, model=ours_class.__name__)
+    assert ours_class(off_config, off_train.dataset).logit_prior is None
+
+
+@CAUSAL_PAIRS
+def test_logit_adjustment_shifts_the_training_logits_but_not_the_scores(tiny, ours_class, stock_class):
+    config, train, _, _ = prepare(tiny, model=ours_class.__name__, llm_logit_adjustment=1.0)
+    adjusted, stock = both_models(config, train.dataset, ours_class, stock_class)
+    off_config, off_train, _, _ = prepare(tiny, model=ours_class.__name__)
+    plain, _ = both_models(off_config, off_train.dataset, ours_class, stock_class)
+    batch = hand_batch()
+    targets = batch[TARGETS][batch[TARGETS] > 0]
+    with torch.no_grad():
+        states = plain.encode(batch["item_id_list"])[batch[TARGETS] > 0]
+        logits = states @ stock.item_embedding.weight.T
+        hand = F.cross_entropy(logits + adjusted.logit_prior, targets)
+        assert torch.allclose(adjusted.calculate_loss(batch), hand, atol=1e-6)
+        assert not torch.allclose(plain.calculate_loss(batch), hand, atol=1e-3)
+        scored = Interaction({"item_id_list": batch["item_id_list"], "item_length": batch["item_length"]})
+        assert torch.equal(adjusted.full_sort_predict(scored), plain.full_sort_predict(scored))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+     r"adjusts the softmax of loss_type 'CE', not 'BPR'"),
+    ({"llm_train_mode": "prefix"}, r"needs llm_train_mode 'all_positions'"),
+    ({"llm_logit_adjustment": -0.5}, r"'llm_logit_adjustment' must be 0 \(off\) or positive, got -0.5"),
+])
+def test_bad_logit_adjustment_settings_are_refused(tiny, overrides, message):
+    config, train, _, _ = prepare(tiny, **{"llm_logit_adjustment": 1.0, **overrides})
+    with pytest.raises(RecBoleLLMError, match=message):
+        SASRecAP(config, train.dataset)
 
 
 # (g) errors

@@ -330,6 +330,27 @@ def test_llm_score_weight_scales_only_the_semantic_dot_product(data_dir):
     assert torch.allclose(plain.full_sort_predict(batch), id_part + llm_part, atol=1e-5)
 
 
+def test_logit_adjustment_shifts_the_training_logits_but_not_the_scores(data_dir):
+    plain, batch, _, dataset, _ = build(data_dir, model="DualLLMSASRec")
+    adjusted, *_ = build(data_dir, model="DualLLMSASRec", llm_logit_adjustment=0.5)
+    adjusted.load_state_dict(plain.state_dict())  # the prior is no parameter: the same weights load
+    plain.eval(), adjusted.eval()
+    counts = [1] * dataset.item_num  # add-one smoothed counts of the training split's targets, by hand
+    for item in dataset.inter_feat[plain.target_list].flatten().tolist():
+        counts[item] += item > 0
+    expected = torch.tensor([0.5 * math.log(c / sum(counts)) for c in counts])
+    assert torch.allclose(adjusted.logit_prior, expected, atol=1e-6)
+    outputs, row_targets, _ = plain._rec_outputs_and_targets(batch)
+    with torch.no_grad():
+        logits = outputs @ plain.item_matrix().T
+        assert torch.allclose(adjusted.rec_loss(outputs, row_targets),
+                              F.cross_entropy(logits + adjusted.logit_prior, row_targets), atol=1e-5)
+        assert torch.allclose(plain.rec_loss(outputs, row_targets), F.cross_entropy(logits, row_targets), atol=1e-5)
+        assert torch.equal(adjusted.full_sort_predict(batch), plain.full_sort_predict(batch))
+    with pytest.raises(RecBoleLLMError, match="adjusts the softmax of loss_type 'CE', not 'BCE'"):
+        build(data_dir, model="DualLLMSASRec", llm_logit_adjustment=0.5, loss_type="BCE")
+
+
 @pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_Bert4Rec"])
 def test_input_scale_switch_multiplies_only_the_item_embedding(data_dir, model):
     scaled, batch, *_ = build(data_dir, model, llmesr_input_scale=True)
@@ -361,10 +382,10 @@ def test_item_profile_neighbours_are_the_nearest_mean_item_vectors(data_dir):
 
 def test_faithful_setting_restores_the_official_switches_under_the_users_keys(data_dir):
     switches = ("llmesr_cross_residual", "llmesr_cross_norm", "llmesr_init", "llmesr_llm_score_weight",
-                "llmesr_sim_user_source", "llmesr_alpha", "llmesr_input_scale")
+                "llmesr_sim_user_source", "llmesr_alpha", "llmesr_input_scale", "llm_logit_adjustment")
     official = {"llmesr_cross_residual": False, "llmesr_cross_norm": False, "llmesr_init": "backbone",
                 "llmesr_llm_score_weight": 1.0, "llmesr_sim_user_source": "text", "llmesr_alpha": 0.1,
-                "llmesr_input_scale": True}
+                "llmesr_input_scale": True, "llm_logit_adjustment": 0.0}
     faithful = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful"))
     assert {key: faithful[key] for key in switches} == official
     assert faithful["llmesr_cross_attention"] and faithful["llmesr_distill"]  # the paper's model keeps both

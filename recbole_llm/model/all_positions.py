@@ -1,7 +1,7 @@
 """``AllPositions``: a stock RecBole sequential model trained with the loss at every position of one sequence per
 user (``llm_train_mode: all_positions``), the backbone rows SASRecAP, GRU4RecAP and BERT4RecAP."""
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.layers import per_row_user_vectors, sample_negatives
+from recbole_llm.model.layers import logit_prior, per_row_user_vectors, sample_negatives, with_prior
 from recbole_llm.utils import RecBoleLLMError
 
 
@@ -15,7 +15,9 @@ class AllPositions:
     - the encoder runs once over the user's sequence, and position p is scored against the next item
       (``item_id_target_list``); padding positions (target 0) are left out. A backbone that is not causal replaces
       ``supervised_states`` (BERT4RecAP: the masked positions of the user's cloze rows) and adds ``item_bias``;
-    - ``loss_type: CE``: cross-entropy over all items, the mean over the batch's non-padding positions;
+    - ``loss_type: CE``: cross-entropy over all items, the mean over the batch's non-padding positions; with
+      ``llm_logit_adjustment`` tau > 0 its training logits get tau * log(the item's share of the training targets)
+      (``layers.logit_prior``; a deviation from the stock models, off by default);
     - ``loss_type: BPR``: one negative per position, drawn here with torch's RNG uniformly from the items other
       than padding and that position's target (RecBole's sampler also skips the target). The loader draws one
       item per row only, for the last position, so its negatives (``train_neg_sample_args``) are not used; with a
@@ -35,6 +37,11 @@ class AllPositions:
                 f"{type(self).__name__} with llm_train_mode 'all_positions' needs the field "
                 f"'{self.ITEM_TARGET_SEQ}'; build the dataset with recbole_llm.utils.create_dataset."
             )
+        if config["llm_logit_adjustment"] and not self.all_positions:
+            raise RecBoleLLMError(f"llm_logit_adjustment needs llm_train_mode 'all_positions': in 'prefix' mode "
+                                  f"{type(self).__name__} trains exactly as the stock model.")
+        prior = logit_prior(config, dataset, self.loss_type, self.ITEM_TARGET_SEQ) if self.all_positions else None
+        self.register_buffer("logit_prior", prior, persistent=False)  # rebuilt from the data: state dicts unchanged
 
     def forward(self, item_seq, item_seq_len):
         """The backbone's forward: the output at each sequence's last item, [B H]."""
@@ -70,4 +77,4 @@ class AllPositions:
             pos_score = (states * items[positives]).sum(-1) + self.item_bias(positives)
             neg_score = (states * items[negatives]).sum(-1) + self.item_bias(negatives)
             return self.loss_fct(pos_score, neg_score)
-        return self.loss_fct(states @ items.T + self.item_bias(slice(None)), positives)
+        return self.loss_fct(with_prior(states @ items.T + self.item_bias(slice(None)), self.logit_prior), positives)

@@ -1,11 +1,13 @@
 """Blocks shared by the recbole_llm models: the LLM adapter, dual-view cross-attention, negative sampling, the
-cloze rows of one-sequence-per-user BERT4Rec training, the soft contrastive loss, and RecLoRA's gated meta-LoRA
-bank."""
+logit adjustment of the CE loss, the cloze rows of one-sequence-per-user BERT4Rec training, the soft contrastive
+loss, and RecLoRA's gated meta-LoRA bank."""
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recbole_llm.utils import RecBoleLLMError
 
 
 def llm_adapter(llm_dim, hidden_size, n_layers=2):
@@ -70,6 +72,33 @@ def sample_negatives(positives, n_items):
     """One item per positive, uniform over the items 1..n_items-1 other than that positive ([PAD] = 0 never)."""
     draws = torch.randint(1, n_items - 1, positives.shape, device=positives.device)
     return draws + (draws >= positives).long()  # shifting past the positive skips it and stays uniform
+
+
+def logit_prior(config, dataset, loss_type, target_field):
+    """``[n_items]``: tau * log(share of each item among the training targets), the logit adjustment of Menon et
+    al. (ICLR 2021, "Long-tail learning via logit adjustment") with ``tau = llm_logit_adjustment``; None when tau is 0.
+
+    The shares count the ``target_field`` ids of the training split ``dataset`` (internal ids, so they follow
+    RecBole's remapping), add-one smoothed so that an item that is never a target keeps a finite logit. The CE loss
+    adds the result to its training logits only: a popular item must then beat the others by a larger margin, and
+    the scores the model ranks with stay its own.
+    """
+    tau = config["llm_logit_adjustment"]
+    if not tau:
+        return None
+    if tau < 0:
+        raise RecBoleLLMError(f"config key 'llm_logit_adjustment' must be 0 (off) or positive, got {tau}.")
+    if loss_type != "CE":
+        raise RecBoleLLMError(f"llm_logit_adjustment adjusts the softmax of loss_type 'CE', not '{loss_type}'; set "
+                              f"loss_type: CE or llm_logit_adjustment: 0.")
+    targets = dataset.inter_feat[target_field].flatten()
+    counts = torch.bincount(targets[targets > 0], minlength=dataset.item_num).double() + 1
+    return (tau * torch.log(counts / counts.sum())).float()
+
+
+def with_prior(logits, prior):
+    """``logits [N, n_items]`` plus the logit adjustment ``prior`` (``logit_prior``), or as they are without one."""
+    return logits if prior is None else logits + prior
 
 
 def append_item(item_seq, item_seq_len, items):

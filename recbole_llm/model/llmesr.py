@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from recbole_llm.data.dataset import target_list_field
-from recbole_llm.model.layers import (CrossViewAttention, llm_adapter, per_row_user_vectors, sample_negatives,
-                                      soft_contrastive_loss)
+from recbole_llm.model.layers import (CrossViewAttention, llm_adapter, logit_prior, per_row_user_vectors,
+                                      sample_negatives, soft_contrastive_loss, with_prior)
 from recbole_llm.text import item_vectors, pca_item_vectors, similar_users
 from recbole_llm.text.side_data import top_similar
 from recbole_llm.utils import RecBoleLLMError, config_choice
@@ -52,7 +52,8 @@ class DualLLM:
     ``llmesr_cross_norm`` puts a LayerNorm after it; ``llmesr_llm_score_weight`` weights the semantic view's dot
     product in the score; ``llmesr_init: xavier`` is the official init of the adapter and cross-attention;
     ``llmesr_input_scale: False`` (transformer backbones) drops the official sqrt(width) scaling of the item
-    embeddings, as RecBole's SASRec and BERT4Rec feed them.
+    embeddings, as RecBole's SASRec and BERT4Rec feed them. ``llm_logit_adjustment`` (tau, 0 = off, also on the
+    ``…AP`` backbones) adds tau * log(the item's share of the training targets) to the CE loss's training logits.
 
     Systems: ``llmesr_activation_checkpointing`` recomputes each cross-attention and each view's encoder in the
     backward pass instead of keeping their activations (``torch.utils.checkpoint``, non-reentrant, dropout replayed
@@ -80,6 +81,9 @@ class DualLLM:
         self._init_llm_view(config, dataset)
         self._init_id_view(config, dataset)
         self._init_cross_attention(config)
+        target_field = self.target_list if self.train_mode == "all_positions" else self.POS_ITEM_ID
+        prior = logit_prior(config, dataset, self.rec_loss_type, target_field)
+        self.register_buffer("logit_prior", prior, persistent=False)  # rebuilt from the data: state dicts unchanged
         self._eval_item_matrix = None
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ class DualLLM:
         """The recommendation loss of ``outputs [N, D]`` predicting ``targets [N]``."""
         items = self.item_matrix()
         if self.rec_loss_type == "CE":
-            return F.cross_entropy(outputs @ items.T + self.item_bias(slice(None)), targets)
+            return F.cross_entropy(with_prior(outputs @ items.T + self.item_bias(slice(None)), self.logit_prior), targets)
         negatives = sample_negatives(targets, self.n_items)
         pos = (outputs * items[targets]).sum(-1) + self.item_bias(targets)
         neg = (outputs * items[negatives]).sum(-1) + self.item_bias(negatives)

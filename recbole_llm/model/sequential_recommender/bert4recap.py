@@ -28,7 +28,8 @@ class BERT4RecAP(AllPositions, BERT4Rec):
     Config keys (RecBole's BERT4Rec.yaml, then properties/model/BERT4RecAP.yaml): BERT4Rec's ``n_layers``,
     ``n_heads``, ``hidden_size``, ``inner_size``, ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``,
     ``layer_norm_eps``, ``initializer_range``, ``mask_ratio`` (0.2, BERT4Rec's value for MovieLens), ``loss_type``,
-    and ``llm_train_mode`` (``all_positions`` by default).
+    ``llm_train_mode`` (``all_positions`` by default) and ``llm_logit_adjustment`` (0, off: the stock CE; its prior
+    counts the windows' next-item targets, the items its cloze rows mask but for each window's first).
     """
 
     forward = BERT4Rec.forward  # the per-position output [B L H]; BERT4Rec's scoring reads it at the [MASK]

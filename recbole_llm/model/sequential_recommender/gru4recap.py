@@ -14,8 +14,8 @@ class GRU4RecAP(AllPositions, GRU4Rec):
     all-positions protocol; with ``llm_train_mode: prefix`` it trains exactly as GRU4Rec.
 
     Config keys (RecBole's GRU4Rec.yaml, then properties/model/GRU4RecAP.yaml): GRU4Rec's ``embedding_size``,
-    ``hidden_size``, ``num_layers``, ``dropout_prob``, ``loss_type``, and ``llm_train_mode`` (``all_positions``
-    by default).
+    ``hidden_size``, ``num_layers``, ``dropout_prob``, ``loss_type``, ``llm_train_mode`` (``all_positions`` by
+    default) and ``llm_logit_adjustment`` (0, off: the stock CE).
     """
 
     def encode(self, item_seq):

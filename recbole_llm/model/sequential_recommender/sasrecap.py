@@ -16,7 +16,8 @@ class SASRecAP(AllPositions, SASRec):
 
     Config keys (RecBole's SASRec.yaml, then properties/model/SASRecAP.yaml): SASRec's ``n_layers``, ``n_heads``,
     ``hidden_size``, ``inner_size``, ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``,
-    ``layer_norm_eps``, ``initializer_range``, ``loss_type``, and ``llm_train_mode`` (``all_positions`` by default).
+    ``layer_norm_eps``, ``initializer_range``, ``loss_type``, ``llm_train_mode`` (``all_positions`` by default) and
+    ``llm_logit_adjustment`` (0, off: the stock CE).
     """
 
     def encode(self, item_seq):
