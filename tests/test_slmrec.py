@@ -146,6 +146,32 @@ def test_tiny_llama_decoder_path(setup):
     assert model.full_sort_predict(batch).shape == (len(batch), model.n_items)
 
 
+@pytest.mark.parametrize("backbone", ["minilm", "llama"])
+def test_gradient_checkpointing_leaves_the_gradients_unchanged(setup, backbone):
+    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
+
+    keys = {"slmrec_n_layers": 2, "slmrec_lora_dropout": 0.0}
+    if backbone == "llama":
+        keys["slmrec_backbone"] = tiny_llama(setup[0])
+    model = build(setup, **keys)
+    perturb_lora(model)  # LoRA's B starts at 0, which would leave A without gradient
+    batch = setup[3]
+
+    def gradients():
+        torch.manual_seed(1)  # the same dropout masks (MiniLM's); checkpointing replays them in its recompute
+        model.zero_grad()
+        model.calculate_loss(batch).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    plain = gradients()
+    enable_gradient_checkpointing(model)
+    assert model.backbone.base_model.model.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
 def test_llama_prompt_parts_hold_no_special_token(setup):
     from transformers import AutoTokenizer
 
