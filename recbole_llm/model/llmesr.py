@@ -198,7 +198,8 @@ class DualLLM:
         """The recommendation loss of ``outputs [N, D]`` predicting ``targets [N]``."""
         items = self.item_matrix()
         if self.rec_loss_type == "CE":
-            return F.cross_entropy(with_prior(outputs @ items.T + self.item_bias(slice(None)), self.logit_prior), targets)
+            logits = outputs @ items.T + self.item_bias(slice(None))
+            return F.cross_entropy(with_prior(logits, self.logit_prior), targets)
         negatives = sample_negatives(targets, self.n_items)
         pos = (outputs * items[targets]).sum(-1) + self.item_bias(targets)
         neg = (outputs * items[negatives]).sum(-1) + self.item_bias(negatives)
