@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import recbole
+import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,20 @@ def run_python(args, cwd=REPO_ROOT, timeout=600):
     """Run ``python args...`` with the repo importable; return the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpointing_gradients(model, loss, seed=0):
+    """``(plain, checkpointed)``: the gradients of ``loss()`` in train mode, before and after
+    ``enable_gradient_checkpointing(model)``, each pass from torch seed ``seed`` so that both see the same dropout
+    masks and sampled negatives (checkpointing replays the masks in its recompute)."""
+    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
+
+    def gradients():
+        torch.manual_seed(seed)
+        model.zero_grad()
+        loss().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.train()
+    plain = gradients()
+    enable_gradient_checkpointing(model)
+    return plain, gradients()

@@ -20,7 +20,7 @@ from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_rec
 from recbole_llm.text import SideData, item_vectors
 from recbole_llm.text.encoders import TextEncoder, encoder_path
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
-from conftest import tiny_config, write_tiny_dataset
+from conftest import checkpointing_gradients, tiny_config, write_tiny_dataset
 from llama_fixture import save_tiny_llama
 from hllm_ranks import gather_on_rank
 from test_ddp import free_port
@@ -145,21 +145,10 @@ def test_item_vector_and_item_llm_get_gradients_end_to_end(e2e):
 
 
 def test_gradient_checkpointing_leaves_both_llms_gradients_unchanged(workdir):
-    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
-
     model, _, train, _, _ = build(end_to_end(workdir))
     batch = next(iter(train))
-
-    def gradients():
-        model.zero_grad()
-        torch.manual_seed(0)  # the same negatives in both passes
-        model.calculate_loss(batch).backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.train()
-    plain = gradients()
-    enable_gradient_checkpointing(model)
+    plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(batch))  # same negatives
     assert model.user_llm.is_gradient_checkpointing and model.item_llm.llm.is_gradient_checkpointing
-    checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and any(name.startswith("item_llm.llm.") for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

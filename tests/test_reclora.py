@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from conftest import checkpointing_gradients
 from llama_fixture import save_tiny_llama
 from recbole_llm.data.ctr import ANSWERS, CTRPrompts, render_prompt, rella_split_counts
 from recbole_llm.model.layers import MetaLoRA
@@ -361,20 +362,10 @@ def test_linear_schedule_reaches_zero(root):
 
 
 def test_gradient_checkpointing_leaves_the_gradients_unchanged(root):
-    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
-
     model, trainer, train, test = build_model(root, reclora_gate_dropout=0.0)
     batch = train.inter_feat[torch.arange(4)]
-
-    def gradients():
-        model.zero_grad()
-        model.calculate_loss(batch).backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.train()
-    plain = gradients()
-    enable_gradient_checkpointing(model)
+    plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(batch))
     assert model.llm.is_gradient_checkpointing
-    checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and any(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from recbole.data import data_preparation
 from recbole.evaluator import Collector, Evaluator
 
-from conftest import tiny_config, write_tiny_dataset
+from conftest import checkpointing_gradients, tiny_config, write_tiny_dataset
 from llama_fixture import save_tiny_llama
 from recbole_llm.config import Config
 from recbole_llm.model.sequential_recommender.slmrec import SLMRec, _checkpoint_item_vectors, kept_layers, layer_list
@@ -148,25 +148,13 @@ def test_tiny_llama_decoder_path(setup):
 
 @pytest.mark.parametrize("backbone", ["minilm", "llama"])
 def test_gradient_checkpointing_leaves_the_gradients_unchanged(setup, backbone):
-    from recbole_llm.trainer.llm_trainer import enable_gradient_checkpointing
-
     keys = {"slmrec_n_layers": 2, "slmrec_lora_dropout": 0.0}
     if backbone == "llama":
         keys["slmrec_backbone"] = tiny_llama(setup[0])
     model = build(setup, **keys)
     perturb_lora(model)  # LoRA's B starts at 0, which would leave A without gradient
-    batch = setup[3]
-
-    def gradients():
-        torch.manual_seed(1)  # the same dropout masks (MiniLM's); checkpointing replays them in its recompute
-        model.zero_grad()
-        model.calculate_loss(batch).backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.train()
-    plain = gradients()
-    enable_gradient_checkpointing(model)
+    plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(setup[3]), seed=1)
     assert model.backbone.base_model.model.is_gradient_checkpointing
-    checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
