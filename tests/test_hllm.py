@@ -1,6 +1,7 @@
 """HLLM: item texts, the item and user LLMs, the InfoNCE and softmax losses, the frozen and end-to-end modes,
 the side-data item vectors, the micro-batched item pass, errors."""
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,46 @@ def test_micro_batched_item_pass_gives_the_vectors_and_gradients_of_one_pass(e2e
     assert "item_token" in whole_grads and whole_grads.keys() == micro_grads.keys()
     for name, grad in whole_grads.items():  # equal up to the order of float32 sums over the items
         torch.testing.assert_close(micro_grads[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["llama", "minilm"])
+def test_top_layers_over_kept_lower_states_train_only_the_top_and_reload(workdir, family):
+    """hllm_item_trainable_layers 1: the item vectors start equal to the whole item LLM's where the text cannot see
+    [ITEM] anyway (a causal Llama); only the top layer and the [ITEM] shift train; a reload at another seed, which
+    rebuilds the kept states, gives the trained vectors back."""
+    def config(**overrides):
+        if family == "llama":  # 2 layers
+            return end_to_end(workdir, **overrides)
+        return hllm_config(workdir, hllm_freeze_item_llm=False, hllm_item_num_layers=3, **overrides)
+
+    whole = build(config())[0].eval()
+    top, _, train, _, test = build(config(hllm_item_trainable_layers=1))
+    items = torch.arange(1, 40)
+    with torch.no_grad():
+        start, reference = top.eval().item_llm.encode(items), whole.item_llm.encode(items)
+    if family == "llama":
+        torch.testing.assert_close(start, reference, atol=1e-5, rtol=0)
+    else:  # the encoder's text attended to [ITEM] in the layers below; now it does not
+        assert 0.9 < F.cosine_similarity(start, reference).min() < 1 - 1e-4
+    layers = {match[1] for name, _ in top.item_llm.named_parameters() if (match := re.search(r"layers?\.(\d+)\.", name))}
+    assert layers == {"0"} and "item_llm.lower_states" not in top.state_dict()
+    assert "item_llm.item_slot_states" in top.state_dict()  # the initial [ITEM] vector is random
+    assert top.item_llm.lower_states.shape == (*top.item_llm.token_ids.shape, top.item_llm.dim)
+    top.train()
+    top.calculate_loss(next(iter(train))).backward()
+    trained = {name for name, p in top.item_llm.named_parameters() if p.grad is not None and p.grad.norm() > 0}
+    assert "item_shift" in trained and any(".0." in name for name in trained)
+    assert not any("embed" in name for name in trained)
+    with torch.no_grad():
+        for parameter in top.item_llm.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.1 * parameter.grad
+    reloaded = build(config(hllm_item_trainable_layers=1), seed=7)[0]
+    reloaded.load_state_dict(top.state_dict())
+    with torch.no_grad():
+        moved = top.eval().item_llm.encode(items)
+        assert not torch.allclose(moved, whole.item_llm.encode(items), atol=1e-4)
+        torch.testing.assert_close(reloaded.eval().item_llm.encode(items), moved)
 
 
 def test_frozen_mode_trains_the_user_side_and_the_item_adapter_but_not_the_table(frozen):
@@ -493,6 +534,11 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_loss": "bpr"}, r"hllm_loss 'bpr' is unknown; use one of nce, softmax"),
     ({"hllm_loss": "softmax"}, r"hllm_loss: softmax .* needs the frozen item table \(hllm_freeze_item_llm: True\)"),
     ({"hllm_item_micro_batch": 0}, r"hllm_item_micro_batch must be a positive number of items or ~"),
+    ({"hllm_item_trainable_layers": 1, "hllm_freeze_item_llm": True},
+     r"hllm_item_trainable_layers trains the item LLM's top layers end to end; with hllm_freeze_item_llm: True"),
+    ({"hllm_item_trainable_layers": 1}, r"hllm_item_trainable_layers must be 1..0 \(the item LLM has 1 layers\)"),
+    ({"hllm_item_trainable_layers": 1, "hllm_item_num_layers": 2, "hllm_item_llm_pretrained": False},
+     r"hllm_item_trainable_layers keeps the layers below the top ones frozen, which with hllm_item_llm_pretrained"),
     ({"hllm_item_adapter": 8}, r"hllm_item_adapter trains a head over the frozen item table"),
     ({"hllm_item_adapter": -1, "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be a hidden width"),
     ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),

@@ -12,7 +12,8 @@ from recbole.evaluator import Collector, Evaluator
 from conftest import checkpointing_gradients, tiny_config, write_tiny_dataset
 from llama_fixture import save_tiny_llama
 from recbole_llm.config import Config
-from recbole_llm.model.sequential_recommender.slmrec import SLMRec, _checkpoint_item_vectors, kept_layers, layer_list
+from recbole_llm.model.layer_stack import layer_list
+from recbole_llm.model.sequential_recommender.slmrec import SLMRec, _checkpoint_item_vectors, kept_layers
 from recbole_llm.quick_start import load_data_and_model, run
 from recbole_llm.trainer.slmrec import SLMRecTrainer, cosine_distance, l2_distance
 from recbole_llm.utils import RecBoleLLMError, create_dataset
@@ -125,7 +126,7 @@ def test_truncation_keeps_the_first_layers_or_the_interval_selection(setup):
     assert kept_layers(9, 4, 2) == [0, 1, 3, 4]
     full = AutoModel.from_pretrained(encoder_path({"llm_encoder": None}))
     for interval, expected in ((0, [0, 1]), (1, [0, 2])):
-        layers = layer_list(build(setup, slmrec_n_layers=2, slmrec_interval=interval).backbone)
+        layers = layer_list(build(setup, slmrec_n_layers=2, slmrec_interval=interval).backbone, "slmrec_backbone")
         assert len(layers) == 2
         for layer, index in zip(layers, expected):
             original = full.encoder.layer[index].attention.self.query.weight

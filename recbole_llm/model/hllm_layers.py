@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 
+from recbole_llm.model.layer_stack import architecture, keep_layers, layer_list
 from recbole_llm.text.cache import FORMAT_VERSION, CacheEntry, cache_root
 from recbole_llm.text.encoders import is_decoder_only, encoder_path
 from recbole_llm.trainer.llm_trainer import autocast, compute_dtype
@@ -117,12 +118,28 @@ def user_llm(config, item_dim):
     return model
 
 
+class PassInputsEmbeds(nn.Module):
+    """Stands in for a BERT-style model's embedding stage, which would add positions and a LayerNorm: the
+    ``inputs_embeds`` given to the model are already a lower layer's output states."""
+
+    def forward(self, inputs_embeds=None, **_):
+        return inputs_embeds
+
+
 class ItemLLM(nn.Module):
     """The item LLM: every item's text, then a learnable [ITEM] vector; the item vector is the last layer's state
     at [ITEM] (``item`` pooling) or the mean over the text's tokens (``mean`` pooling, no [ITEM]).
 
     The token table of all items is built once (``item_token_table``). A batch of items is cut to its longest
     text, so items are encoded independently, in padded batches with masks and right-aligned positions.
+
+    With ``hllm_item_trainable_layers`` N, every item goes once through the layers below the top N (in eval mode,
+    under ``no_grad``); their output states are kept as a buffer (``lower_states``) and those layers, with the word
+    embeddings, are dropped. Training then runs the top N layers only. Below the top, the text does not attend to
+    [ITEM] (no change for a causal decoder, where [ITEM] comes last; a BERT-style encoder's text does see it in
+    the whole model), no dropout acts, and the [ITEM] slot keeps the state of the initial [ITEM] vector, to which
+    a trainable shift (``item_shift``, zero at the start) is added. So with a decoder the item vectors start
+    equal to those of the whole model.
     """
 
     def __init__(self, config, dataset):
@@ -147,23 +164,84 @@ class ItemLLM(nn.Module):
             self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)  # N(0, 0.02), as the official init
         self.batch_size = config["hllm_item_batch_size"]
         self.dtype = compute_dtype(config)  # autocast here too, so that evaluation runs in it as training does
+        self.top_only = False
+        top = trainable_item_layers(config, len(layer_list(self.llm, "hllm_item_llm")))
+        if top:
+            self._keep_top_layers(top)
+
+    def _inputs(self, items):
+        """``(inputs_embeds, mask, positions)`` of the items' columns that are not padding in every row: the word
+        (and [ITEM]) embeddings, or the kept lower-layer states with the [ITEM] shift."""
+        mask = self.token_mask[items]
+        start = int((mask.sum(0) == 0).sum())  # leading columns that are padding in every row
+        mask = mask[:, start:]
+        positions = torch.arange(start, self.token_mask.size(1), device=mask.device).expand_as(mask)
+        if self.top_only:
+            embeds = self.lower_states[items][:, start:]
+            if self.pooling == "item":
+                slot = self.item_slot_states[items] + self.item_shift
+                embeds = torch.cat([embeds[:, :-1], slot.unsqueeze(1)], dim=1)
+            return embeds, mask, positions
+        embeds = self.llm.get_input_embeddings()(self.token_ids[items][:, start:])
+        if self.pooling == "item":
+            embeds = torch.cat([embeds[:, :-1], self.item_token.to(embeds.dtype).expand(len(items), 1, -1)], dim=1)
+        return embeds, mask, positions
 
     def forward(self, items):
         """``[len(items), dim]``: the vectors of the internal item ids ``items``."""
-        ids, mask = self.token_ids[items], self.token_mask[items]
-        start = int((mask.sum(0) == 0).sum())  # leading columns that are padding in every row
-        ids, mask = ids[:, start:], mask[:, start:]
-        embeds = self.llm.get_input_embeddings()(ids)
-        if self.pooling == "item":
-            embeds = torch.cat([embeds[:, :-1], self.item_token.to(embeds.dtype).expand(len(ids), 1, -1)], dim=1)
-        positions = torch.arange(start, start + ids.size(1), device=ids.device).expand_as(ids)
-        with autocast(self.dtype, ids.device):
+        embeds, mask, positions = self._inputs(items)
+        with autocast(self.dtype, mask.device):
             hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
         hidden = hidden.float()
         if self.pooling == "item":
             return hidden[:, -1]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return torch.where(weights > 0, hidden, 0.0).sum(1) / weights.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def _keep_top_layers(self, top):
+        """Keep every item's text states below the top ``top`` layers as ``lower_states`` (``[n_items, width, dim]``,
+        padding zero), computed with the text unable to attend to [ITEM], so that they depend on the pretrained
+        weights only and are rebuilt alike at each build; with [ITEM] pooling, the [ITEM] column's state (which
+        depends on the random initial [ITEM] vector) as ``item_slot_states``, saved with the model. Then drop the
+        lower layers and the embedding stage."""
+        kind = architecture(self.llm)
+        if kind == "other":
+            raise RecBoleLLMError(f"hllm_item_trainable_layers needs a BERT-style encoder or a Llama-style decoder "
+                                  f"as hllm_item_llm, not {type(self.llm).__name__}; set it to ~.")
+        n_lower = len(layer_list(self.llm, "hllm_item_llm")) - top
+        with_slot = self.pooling == "item"
+        was_training = self.training
+        self.eval()  # the kept states are those of the network without dropout
+        states = torch.zeros(*self.token_ids.shape, self.dim)
+        slots = torch.zeros(len(self.token_ids), self.dim)
+        for part in torch.arange(len(self.token_ids)).split(self.batch_size):
+            embeds, mask, positions = self._inputs(part)
+            text = mask.clone()
+            if with_slot:
+                text[:, -1] = 0
+            states[part, -mask.size(1):] = self._states(embeds, text, positions, n_lower) * text.unsqueeze(-1)
+            if with_slot:
+                slots[part] = self._states(embeds, mask, positions, n_lower)[:, -1]
+        self.train(was_training)
+        self.register_buffer("lower_states", states, persistent=False)
+        keep_layers(self.llm, list(range(n_lower, n_lower + top)), "hllm_item_llm")
+        if kind == "bert-style":
+            self.llm.embeddings = PassInputsEmbeds()
+        else:  # a Llama-style model takes inputs_embeds straight into its first layer
+            self.llm.get_input_embeddings().requires_grad_(False)
+        if with_slot:
+            del self.item_token
+            self.register_buffer("item_slot_states", slots)
+            self.item_shift = nn.Parameter(torch.zeros(self.dim))
+        self.top_only = True
+
+    def _states(self, embeds, mask, positions, layer):
+        """The output states of the first ``layer`` layers (``layer`` >= 1)."""
+        with autocast(self.dtype, mask.device):
+            output = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                              output_hidden_states=True)
+        return output.hidden_states[layer].float()
 
     def encode(self, items, batch_size=None):
         """``[len(items), dim]``: the vectors of ``items`` in forward passes of at most ``batch_size`` items (~ = one
@@ -262,6 +340,25 @@ def loss_choice(config):
                               "(hllm_freeze_item_llm: True); end to end it would run every item through the item LLM "
                               "each step. Use hllm_loss: nce to train end to end.")
     return loss
+
+
+def trainable_item_layers(config, n_layers):
+    """``hllm_item_trainable_layers``: ~, or how many of the item LLM's ``n_layers`` top layers train end to end
+    over the kept states of the layers below."""
+    top = config["hllm_item_trainable_layers"]
+    if top is None:
+        return None
+    if config["hllm_freeze_item_llm"]:
+        raise RecBoleLLMError("hllm_item_trainable_layers trains the item LLM's top layers end to end; with "
+                              "hllm_freeze_item_llm: True no layer trains. Set one of them differently.")
+    if not config["hllm_item_llm_pretrained"]:
+        raise RecBoleLLMError("hllm_item_trainable_layers keeps the layers below the top ones frozen, which with "
+                              "hllm_item_llm_pretrained: False would be random; load the pretrained weights or set "
+                              "hllm_item_trainable_layers: ~.")
+    if not isinstance(top, int) or not 1 <= top < n_layers:
+        raise RecBoleLLMError(f"hllm_item_trainable_layers must be 1..{n_layers - 1} (the item LLM has {n_layers} "
+                              f"layers) or ~ (all train), not {top!r}.")
+    return top
 
 
 def item_micro_batch(config):

@@ -59,6 +59,11 @@ class HLLM(SequentialRecommender):
       item alike (mean pairwise cosine 0.83 over 300 ml-100k items, 0.31 for plain titles), and right-aligned
       positions move MiniLM's output (cosine 0.93 to its standard encoding); the prompt path's keys
       (``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``, ``hllm_item_pooling``) do not apply.
+    - ``hllm_item_trainable_layers`` N (a deviation, end to end only; ~, the default, trains every layer as the
+      official code): the item LLM's layers below the top N run once over every item at build time and their
+      states are kept (``hllm_layers.ItemLLM``), so a step runs and trains only N layers: end to end at the cost
+      of N layers per item, where the lower ones stay pretrained (and, below the top, the text does not attend
+      to [ITEM]).
     - ``hllm_head: late_fusion`` (paper-derived, NOT in the official code, whose authors did not release it): a
       learnable [USER] vector follows each sequence's last item; the user LLM's output there and an item vector go
       through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
@@ -75,7 +80,7 @@ class HLLM(SequentialRecommender):
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
-    ``hllm_item_micro_batch``, ``hllm_item_adapter``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``,
+    ``hllm_item_micro_batch``, ``hllm_item_trainable_layers``, ``hllm_item_adapter``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``,
     ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``,
     ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``, ``hllm_gen_weight``,
     ``hllm_head_hidden_size``; and ``llm_train_mode``.

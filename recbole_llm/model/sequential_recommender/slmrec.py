@@ -16,13 +16,12 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_llm.model.layer_stack import architecture, keep_layers, layer_list
 from recbole_llm.model.layers import per_row_user_vectors
 from recbole_llm.text.encoders import encoder_path
 from recbole_llm.utils import RecBoleLLMError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Where each architecture keeps its stack of layers (PeftModel adds its own prefix in front).
-LAYER_PATHS = ("layers", "model.layers", "encoder.layer", "h", "transformer.h", "decoder.layers")
 # LoRA targets by default: the feed-forward projections, as the official code (gate/up/down of Llama-style blocks).
 # For BERT-style blocks, a regex keeps the attention's own ``output.dense`` out.
 FFN_TARGETS = {"llama-style": ["gate_proj", "up_proj", "down_proj"],
@@ -75,7 +74,7 @@ class SLMRec(SequentialRecommender):
         table = sasrec_item_table(config, dataset) if item_table is None else item_table
         self.item_table = nn.Embedding.from_pretrained(table, freeze=True)
         self.backbone, self.architecture = build_backbone(config)
-        self.n_layers = len(layer_list(self.backbone))
+        self.n_layers = len(layer_list(self.backbone, "slmrec_backbone"))
         self.llm_dtype = DTYPES[config["slmrec_dtype"]]
         self.hidden_size = self.backbone.config.hidden_size
         self.input_proj = nn.Linear(table.shape[1], self.hidden_size)
@@ -258,17 +257,6 @@ def backbone_path(config):
     return encoder_path(config, "slmrec_backbone")
 
 
-def layer_list(model):
-    """The ``nn.ModuleList`` of transformer layers of a Hugging Face (or peft-wrapped) model."""
-    for root in (model, getattr(getattr(model, "base_model", None), "model", None)):
-        for dotted in LAYER_PATHS:
-            module = functools.reduce(lambda m, name: getattr(m, name, None), dotted.split("."), root)
-            if isinstance(module, nn.ModuleList):
-                return module
-    raise RecBoleLLMError(f"slmrec_backbone: no layer stack found in {type(model).__name__} (looked for "
-                          f"{', '.join(LAYER_PATHS)}); use a Llama-style decoder or a BERT-style encoder.")
-
-
 def kept_layers(n_total, n_layers, interval):
     """Indices of the layers kept: without the official interval drop (``interval`` k > 0 removes every (k+1)-th
     layer), then the first ``n_layers`` (~ = all) of the rest."""
@@ -283,25 +271,9 @@ def kept_layers(n_total, n_layers, interval):
 
 def truncate(model, n_layers, interval):
     """Keep the selected layers of ``model`` (see ``kept_layers``), in place."""
-    layers = layer_list(model)
-    kept = kept_layers(len(layers), n_layers, interval)
-    for index in reversed(range(len(layers))):
-        if index not in kept:
-            del layers[index]  # ModuleList renumbers the rest
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    kept = kept_layers(len(layer_list(model, "slmrec_backbone")), n_layers, interval)
+    keep_layers(model, kept, "slmrec_backbone")
     return kept
-
-
-def architecture(model):
-    """'llama-style' (``layers`` of decoder blocks with gate/up/down projections) or 'bert-style'."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"gate_proj", "up_proj", "down_proj"} <= names:
-        return "llama-style"
-    if {"intermediate", "output"} <= names:
-        return "bert-style"
-    return "other"
 
 
 def lora_targets(config, arch):
