@@ -217,6 +217,11 @@ def test_top_layers_over_kept_lower_states_train_only_the_top_and_reload(workdir
         for parameter in top.item_llm.parameters():
             if parameter.grad is not None:
                 parameter -= 0.1 * parameter.grad
+    batch = next(iter(train))
+    plain, checkpointed = checkpointing_gradients(top, lambda: top.calculate_loss(batch))
+    assert top.item_llm.llm.is_gradient_checkpointing and "item_llm.item_shift" in plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
     reloaded = build(config(hllm_item_trainable_layers=1), seed=7)[0]
     reloaded.load_state_dict(top.state_dict())
     with torch.no_grad():

@@ -120,7 +120,12 @@ def user_llm(config, item_dim):
 
 class PassInputsEmbeds(nn.Module):
     """Stands in for a BERT-style model's embedding stage, which would add positions and a LayerNorm: the
-    ``inputs_embeds`` given to the model are already a lower layer's output states."""
+    ``inputs_embeds`` given to the model are already a lower layer's output states. It keeps the (unused, frozen)
+    word embeddings, which Hugging Face's ``get_input_embeddings`` and gradient checkpointing look up."""
+
+    def __init__(self, word_embeddings):
+        super().__init__()
+        self.word_embeddings = word_embeddings.requires_grad_(False)
 
     def forward(self, inputs_embeds=None, **_):
         return inputs_embeds
@@ -227,7 +232,7 @@ class ItemLLM(nn.Module):
         self.register_buffer("lower_states", states, persistent=False)
         keep_layers(self.llm, list(range(n_lower, n_lower + top)), "hllm_item_llm")
         if kind == "bert-style":
-            self.llm.embeddings = PassInputsEmbeds()
+            self.llm.embeddings = PassInputsEmbeds(self.llm.get_input_embeddings())
         else:  # a Llama-style model takes inputs_embeds straight into its first layer
             self.llm.get_input_embeddings().requires_grad_(False)
         if with_slot:
