@@ -628,11 +628,28 @@ def _seeds_cell(row):
     return (", ".join(map(str, row["seeds"])) or "none") + failed
 
 
+def shared_config_files(rows):
+    """The config files that every row with a recorded protocol ran with."""
+    files = [set(row["protocol"]["config_files"]) for row in rows if row.get("protocol")]
+    return set.intersection(*files) if files else set()
+
+
+def keys_cell(row, shared_files):
+    """The config files of the row's section beyond ``shared_files`` (by name), then its command-line keys;
+    ``—``: not recorded."""
+    if not row.get("protocol"):
+        return "—"
+    extra_files = [os.path.basename(path) for path in row["protocol"]["config_files"] if path not in shared_files]
+    return " ".join(extra_files + row["protocol"]["keys"]) or "(none)"
+
+
 def summary_table(rows):
-    """One line per row: the command-line keys its section ran with (``—``: not recorded), the test metric overall
-    and on tail items, their change against the backbone, the epochs run and the seeds."""
+    """One line per row: the command-line keys its section ran with, after the config files that not every row ran
+    with (``—``: not recorded), the test metric overall and on tail items, their change against the backbone, the
+    epochs run and the seeds."""
     header = ["model", "keys", "backbone", "metric", "test overall", "test tail_item", "vs backbone",
               "tail_item vs backbone", "epochs run", "seeds"]
+    shared_files = shared_config_files(rows)
     lines = []
     for row in rows:
         overall, tail = row["values"]["overall"], row["values"]["tail_item"]
@@ -640,8 +657,7 @@ def summary_table(rows):
         changes = [relative_change(v, reference["values"][g]) if reference else "—"
                    for v, g in ((overall, "overall"), (tail, "tail_item"))]
         metric_cells = [format_mean_std(overall), format_mean_std(tail)] if row["seeds"] else ["failed", "—"]
-        keys = (" ".join(row["protocol"]["keys"]) or "(none)") if row.get("protocol") else "—"
-        lines.append([row["model"], keys, backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
+        lines.append([row["model"], keys_cell(row, shared_files), backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
                       _range_cell(row["epochs"]), _seeds_cell(row)])
     return markdown_table(header, lines)
 
@@ -654,7 +670,8 @@ def render_summary(text):
     if rows:
         out += [summary_table(rows), "",
                 "Test results at the best validation epoch, mean ± std over the seeds; the metric is each run's "
-                "valid_metric. The runs of one entry in sections with the same protocol (the config files' contents, "
+                "valid_metric; keys are the command-line keys, after any config file that not every row ran with. "
+                "The runs of one entry in sections with the same protocol (the config files' contents, "
                 "the command-line keys and the package's code) are pooled by seed into one row, a seed run twice "
                 "counting once, with its latest run. The change is that of the mean against the backbone's row "
                 "under the same protocol, else of the same section, else under the same config files and "

@@ -382,6 +382,18 @@ def summary_lines(compare, path):
     return compare.summary_table(rows).splitlines()[2:]
 
 
+def test_keys_cell_names_the_config_files_that_not_every_row_ran_with(compare, tmp_path):
+    protocol, preset = tmp_path / "protocol.yaml", tmp_path / "preset.yaml"
+    protocol.write_text("epochs: 3\n", encoding="utf-8")
+    preset.write_text("learning_rate: 0.01\n", encoding="utf-8")
+    out = tmp_path / "toy.md"
+    appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02)], config_files=str(protocol))
+    appended(compare, out, [ranked("HLLM", 1, 0.11, 0.03)], extra=["--epochs=12"],
+             config_files=f"{protocol} {preset}")
+    cells = [line.split(" | ")[1] for line in summary_lines(compare, out)]
+    assert cells == ["(none)", "preset.yaml --epochs=12"]
+
+
 def test_seeds_of_one_protocol_in_several_sections_pool_into_one_row(compare, tmp_path):
     out, variant = tmp_path / "toy.md", "LLMESR_SASRec@llmesr_alpha=0.01"
     appended(compare, out, [ranked("SASRecAP", 1, 0.10, 0.02), ranked("SASRecAP", 2, 0.12, 0.04)])
