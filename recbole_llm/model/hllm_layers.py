@@ -139,8 +139,8 @@ class ItemLLM(nn.Module):
     text, so items are encoded independently, in padded batches with masks and right-aligned positions.
 
     With ``hllm_item_trainable_layers`` N, every item goes once through the layers below the top N (in eval mode,
-    under ``no_grad``); their output states are kept as a buffer (``lower_states``) and those layers, with the word
-    embeddings, are dropped. Training then runs the top N layers only. Below the top, the text does not attend to
+    under ``no_grad``); their output states are kept as a buffer (``lower_states``), those layers and the embedding
+    stage are dropped and the word embeddings frozen. Training then runs the top N layers only. Below the top, the text does not attend to
     [ITEM] (no change for a causal decoder, where [ITEM] comes last; a BERT-style encoder's text does see it in
     the whole model), no dropout acts, and the [ITEM] slot keeps the state of the initial [ITEM] vector, to which
     a trainable shift (``item_shift``, zero at the start) is added. So with a decoder the item vectors start

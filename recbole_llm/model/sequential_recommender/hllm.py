@@ -63,7 +63,8 @@ class HLLM(SequentialRecommender):
       official code): the item LLM's layers below the top N run once over every item at build time and their
       states are kept (``hllm_layers.ItemLLM``), so a step runs and trains only N layers: end to end at the cost
       of N layers per item, where the lower ones stay pretrained (and, below the top, the text does not attend
-      to [ITEM]).
+      to [ITEM]). Effect on ml-100k (seed 42, 12 epochs): the top 2 of MiniLM's 6 layers reach Recall@10 0.1103
+      against 0.1209 for 2 layers trained whole, at about the same step cost; so it stays off.
     - ``hllm_head: late_fusion`` (paper-derived, NOT in the official code, whose authors did not release it): a
       learnable [USER] vector follows each sequence's last item; the user LLM's output there and an item vector go
       through an MLP to one logit. Loss: BCE on the next item (label 1) and one uniform negative per user (label
@@ -80,10 +81,10 @@ class HLLM(SequentialRecommender):
     Config keys (properties/model/HLLM.yaml): ``hllm_item_llm``, ``hllm_item_llm_pretrained``,
     ``hllm_item_num_layers``, ``hllm_item_prompt``, ``hllm_text_fields``, ``hllm_max_text_length``,
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
-    ``hllm_item_micro_batch``, ``hllm_item_trainable_layers``, ``hllm_item_adapter``, ``hllm_user_llm``, ``hllm_user_llm_pretrained``,
-    ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``, ``hllm_user_inner_size``,
-    ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``, ``hllm_gen_weight``,
-    ``hllm_head_hidden_size``; and ``llm_train_mode``.
+    ``hllm_item_micro_batch``, ``hllm_item_trainable_layers``, ``hllm_item_adapter``, ``hllm_user_llm``,
+    ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``,
+    ``hllm_user_inner_size``, ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``,
+    ``hllm_gen_weight``, ``hllm_head_hidden_size``; and ``llm_train_mode``.
     """
 
     llm_train_modes = ("prefix", "all_positions")
