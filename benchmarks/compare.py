@@ -657,8 +657,8 @@ def summary_table(rows):
         changes = [relative_change(v, reference["values"][g]) if reference else "—"
                    for v, g in ((overall, "overall"), (tail, "tail_item"))]
         metric_cells = [format_mean_std(overall), format_mean_std(tail)] if row["seeds"] else ["failed", "—"]
-        lines.append([row["model"], keys_cell(row, shared_files), backbone_of(row["model"]) or "—", row["metric"], *metric_cells, *changes,
-                      _range_cell(row["epochs"]), _seeds_cell(row)])
+        lines.append([row["model"], keys_cell(row, shared_files), backbone_of(row["model"]) or "—", row["metric"],
+                      *metric_cells, *changes, _range_cell(row["epochs"]), _seeds_cell(row)])
     return markdown_table(header, lines)
 
 

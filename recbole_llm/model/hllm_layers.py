@@ -169,10 +169,14 @@ class ItemLLM(nn.Module):
             self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)  # N(0, 0.02), as the official init
         self.batch_size = config["hllm_item_batch_size"]
         self.dtype = compute_dtype(config)  # autocast here too, so that evaluation runs in it as training does
-        self.top_only = False
-        top = trainable_item_layers(config, len(layer_list(self.llm, "hllm_item_llm")))
+        top = trainable_item_layers(config, self.llm)
         if top:
             self._keep_top_layers(top)
+
+    @property
+    def top_only(self):
+        """Whether only the top layers run, over the kept lower-layer states."""
+        return hasattr(self, "lower_states")
 
     def _inputs(self, items):
         """``(inputs_embeds, mask, positions)`` of the items' columns that are not padding in every row: the word
@@ -239,7 +243,6 @@ class ItemLLM(nn.Module):
             del self.item_token
             self.register_buffer("item_slot_states", slots)
             self.item_shift = nn.Parameter(torch.zeros(self.dim))
-        self.top_only = True
 
     def _states(self, embeds, mask, positions, layer):
         """The output states of the first ``layer`` layers (``layer`` >= 1)."""
@@ -347,9 +350,9 @@ def loss_choice(config):
     return loss
 
 
-def trainable_item_layers(config, n_layers):
-    """``hllm_item_trainable_layers``: ~, or how many of the item LLM's ``n_layers`` top layers train end to end
-    over the kept states of the layers below."""
+def trainable_item_layers(config, llm):
+    """``hllm_item_trainable_layers``: ~, or how many of the item LLM ``llm``'s top layers train end to end over
+    the kept states of the layers below (its layer stack is looked up only then)."""
     top = config["hllm_item_trainable_layers"]
     if top is None:
         return None
@@ -360,6 +363,7 @@ def trainable_item_layers(config, n_layers):
         raise RecBoleLLMError("hllm_item_trainable_layers keeps the layers below the top ones frozen, which with "
                               "hllm_item_llm_pretrained: False would be random; load the pretrained weights or set "
                               "hllm_item_trainable_layers: ~.")
+    n_layers = len(layer_list(llm, "hllm_item_llm"))
     if not isinstance(top, int) or not 1 <= top < n_layers:
         raise RecBoleLLMError(f"hllm_item_trainable_layers must be 1..{n_layers - 1} (the item LLM has {n_layers} "
                               f"layers) or ~ (all train), not {top!r}.")
