@@ -13,8 +13,13 @@ Each ``LABEL=path`` is one checkpoint (``compare.py --keep_checkpoints`` keeps t
 (seeds) give mean ± std. A bucket ``[a, b)`` holds the test rows whose target has at least ``a`` and fewer than
 ``b`` distinct training users (the same count as the long-tail groups). Each checkpoint is evaluated as its run
 was: the same loaders, the same history exclusion, full ranking or sampled.
+
+``--views`` also ranks with each view of every LLM-ESR checkpoint alone (the ID view's dot product, or the
+semantic view's), one row each, to show which view places the targets of each bucket; other checkpoints keep one
+row. The trained model is not changed: the other view's item columns are zeroed at scoring, so its term is 0.
 """
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -45,8 +50,39 @@ def bucket_name(low, high):
     return f"{low}+" if high is None else f"{low}-{high - 1}"
 
 
-def evaluate_buckets(model_file, bounds, metric):
-    """``({'all': value, bucket: value}, {bucket: test rows})`` of one checkpoint."""
+VIEWS = ("ID view", "semantic view")  # LLM-ESR's item matrix is [ID view; semantic view], view_size columns each
+
+
+def has_both_views(model):
+    return getattr(model, "use_id_view", False) and getattr(model, "use_llm_view", False)
+
+
+@contextlib.contextmanager
+def one_view(model, view):
+    """Within the block, ``model`` (an LLM-ESR model with both views) scores with ``view`` alone: the other view's
+    columns of its item matrix are zeroed, so that view adds nothing to any item's score."""
+    kept = slice(0, model.view_size) if view == VIEWS[0] else slice(model.view_size, 2 * model.view_size)
+    full_matrix = model.item_matrix
+
+    def view_matrix():
+        matrix = full_matrix()
+        masked = torch.zeros_like(matrix)
+        masked[:, kept] = matrix[:, kept]
+        return masked
+
+    model.item_matrix = view_matrix  # an instance attribute: it shadows the method until deleted
+    model._eval_item_matrix = None  # the evaluation's cached matrix is rebuilt from the scoring in force
+    try:
+        yield
+    finally:
+        del model.item_matrix
+        model._eval_item_matrix = None
+
+
+def evaluate_buckets(model_file, bounds, metric, views=False):
+    """``({scoring: {'all': value, bucket: value}}, {bucket: test rows})`` of one checkpoint, where the scorings
+    are the model's own (``'model'``) and, with ``views`` and a model with both LLM-ESR views, each of ``VIEWS``
+    alone."""
     from recbole_llm.quick_start import _build_trainer, load_data_and_model
 
     config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, console_log=False)
@@ -54,10 +90,17 @@ def evaluate_buckets(model_file, bounds, metric):
     trainer = _build_trainer(config, model, dataset, valid_data, test_data)
     buckets = PopularityBuckets(trainer.evaluator.groups.item_popularity, bounds)
     trainer.evaluator.groups = buckets
-    with torch.no_grad():
-        result = trainer.evaluate(test_data, load_best_model=False)
-    values = {"all": result[metric], **{name: result.get(f"{metric}[{name}]") for name in buckets.names()}}
-    return values, {name: trainer.evaluator.row_counts.get(name, 0) for name in buckets.names()}
+
+    def evaluate():
+        with torch.no_grad():
+            result = trainer.evaluate(test_data, load_best_model=False)
+        return {"all": result[metric], **{name: result.get(f"{metric}[{name}]") for name in buckets.names()}}
+
+    scorings = {"model": evaluate()}
+    for view in VIEWS if views and has_both_views(model) else ():
+        with one_view(model, view):
+            scorings[view] = evaluate()
+    return scorings, {name: trainer.evaluator.row_counts.get(name, 0) for name in buckets.names()}
 
 
 def _measured(runs, column):
@@ -65,14 +108,23 @@ def _measured(runs, column):
     return [run[column] for run in runs if run[column] is not None]
 
 
+def view_label(label, view):
+    return f"{label}, {view} only"
+
+
+def view_labels(results):
+    return {view_label(label, view) for label in results for view in VIEWS}
+
+
 def report(results, counts, metric, baseline, command):
-    """The Markdown of ``results`` (``{label: [values per checkpoint]}``) and the bucket sizes ``counts``."""
+    """The Markdown of ``results`` (``{label: [values per checkpoint]}``) and the bucket sizes ``counts``; a row of
+    one view alone (``view_label``) gets no change against the baseline."""
     columns = ["all", *counts]
     header = ["model", "checkpoints", *[f"{c}" if c == "all" else f"{c} users ({counts[c]} rows)" for c in columns]]
     rows = []
     for label, runs in results.items():
         rows.append([label, str(len(runs)), *[format_mean_std(_measured(runs, c)) for c in columns]])
-        if baseline in results and label != baseline:
+        if baseline in results and label != baseline and label not in view_labels(results):
             rows.append([f"{label} vs {baseline}", "", *[relative_change(_measured(runs, c),
                                                                          _measured(results[baseline], c))
                                                          for c in columns]])
@@ -91,6 +143,8 @@ def parse_args(argv):
     parser.add_argument("--bounds", default="20,50,100,213", help="ascending bucket bounds (default 20,50,100,213)")
     parser.add_argument("--metric", default="ndcg@10", help="a metric key of the runs' results (default ndcg@10)")
     parser.add_argument("--baseline", default=None, help="the label each other row is measured against")
+    parser.add_argument("--views", action="store_true",
+                        help="also rank with each view of LLM-ESR checkpoints alone, a row each")
     parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     args = parser.parse_args(argv)
     try:
@@ -116,9 +170,14 @@ def main(argv=None):
     args = parse_args(argv)
     results, counts = {}, None
     for label, path in args.checkpoints:
-        values, counts = evaluate_buckets(path, args.bounds, args.metric)
-        results.setdefault(label, []).append(values)
-        print(f"{label} {path}: " + ", ".join(f"{k} {v}" for k, v in values.items()), flush=True)
+        scorings, counts = evaluate_buckets(path, args.bounds, args.metric, args.views)
+        for scoring, values in scorings.items():
+            row = label if scoring == "model" else view_label(label, scoring)
+            results.setdefault(row, []).append(values)
+            print(f"{row} {path}: " + ", ".join(f"{k} {v}" for k, v in values.items()), flush=True)
+    if args.views and not view_labels(results) & set(results):
+        raise SystemExit("--views: none of the checkpoints is an LLM-ESR model with both views "
+                         "(llmesr_use_id_view and llmesr_use_llm_view); leave --views out")
     command = "python benchmarks/popularity_buckets.py " + " ".join(shlex.quote(a) for a in argv)
     text = report(results, counts, args.metric, args.baseline, command)
     print(text)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, tiny_config, write_tiny_dataset
-from recbole_llm.quick_start import run
+from recbole_llm.quick_start import load_data_and_model, run
 
 SCRIPT = REPO_ROOT / "benchmarks" / "popularity_buckets.py"
 
@@ -33,6 +33,18 @@ def checkpoint(tmp_path_factory):
     return run("SASRecAP", "test", config_dict=config)
 
 
+@pytest.fixture(scope="module")
+def dual_checkpoint(tmp_path_factory):
+    """A DualLLMSASRec run: both LLM-ESR views, without the distillation's neighbour search."""
+    tmp_path = tmp_path_factory.mktemp("views")
+    write_tiny_dataset(tmp_path / "data")
+    load_col = {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                "item": ["item_id", "movie_title", "release_year", "class"]}
+    config = tiny_config(tmp_path, load_col=load_col, metric_decimal_place=6, topk=[10, 50], metrics=["NDCG"],
+                         valid_metric="NDCG@50", learning_rate=0.01, epochs=2)
+    return run("DualLLMSASRec", "test", config_dict=config)["saved_model_file"]
+
+
 def test_masks_by_hand(buckets_module):
     popularity = torch.tensor([0, 1, 5, 19, 20, 49, 50, 300])
     buckets = buckets_module.PopularityBuckets(popularity, [20, 50])
@@ -44,7 +56,9 @@ def test_masks_by_hand(buckets_module):
 
 
 def test_buckets_partition_the_test_rows_and_average_to_the_overall(buckets_module, checkpoint):
-    values, counts = buckets_module.evaluate_buckets(checkpoint["saved_model_file"], [3, 8], "ndcg@50")
+    scorings, counts = buckets_module.evaluate_buckets(checkpoint["saved_model_file"], [3, 8], "ndcg@50")
+    assert list(scorings) == ["model"]  # no view rows without --views
+    values = scorings["model"]
     assert values["all"] == pytest.approx(checkpoint["test_result"]["ndcg@50"], abs=1e-6)  # the run's own test
     assert values["8+"] > values["all"] > 0  # the tiny model ranks only popular targets: buckets differ
     total = sum(counts.values())
@@ -72,3 +86,34 @@ def test_report_has_a_row_per_label_and_the_change_against_the_baseline(buckets_
     assert rows[0][1].strip() == "2" and "± 0.0000" in rows[0][2]  # the same checkpoint twice: no spread
     assert rows[2][2].strip() == "+0.0%" and rows[2][-1].strip() == "+0.0%"  # B is A's checkpoint
     assert rows[2][3].strip() == "—"  # no change is defined against a zero NDCG
+
+
+def test_each_view_alone_scores_its_own_dot_product_and_the_model_is_restored(buckets_module, dual_checkpoint):
+    _, model, _, _, _, test_data = load_data_and_model(dual_checkpoint, console_log=False)
+    model.eval()
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        full = model.full_sort_predict(batch)  # also fills the evaluation's cached item matrix
+        alone = {}
+        for view in buckets_module.VIEWS:
+            with buckets_module.one_view(model, view):
+                alone[view] = model.full_sort_predict(batch)
+        assert torch.equal(model.full_sort_predict(batch), full)
+    id_view, semantic_view = (alone[view] for view in buckets_module.VIEWS)
+    assert torch.allclose(id_view + semantic_view, full, atol=1e-4)  # the score is the sum of the two dot products
+    assert not torch.allclose(id_view, full, atol=1e-3) and not torch.allclose(semantic_view, full, atol=1e-3)
+    users = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    width = model.view_size
+    expected = users[:, :width] @ model.item_embedding.weight[: model.n_items].T
+    assert torch.allclose(id_view, expected, atol=1e-4)
+
+
+def test_views_add_rows_for_llmesr_checkpoints_only(buckets_module, dual_checkpoint, checkpoint, tmp_path):
+    out = tmp_path / "views.md"
+    buckets_module.main(["--checkpoints", f"S={checkpoint['saved_model_file']}", f"D={dual_checkpoint}",
+                         "--bounds", "3,8", "--metric", "ndcg@50", "--baseline", "S", "--views", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row[0].strip() for row in rows] == ["S", "D", "D vs S", "D, ID view only", "D, semantic view only"]
+    assert len({rows[i][2] for i in (1, 3, 4)}) == 3  # each scoring of D ranks differently
+    with pytest.raises(SystemExit, match="none of the checkpoints is an LLM-ESR model"):
+        buckets_module.main(["--checkpoints", f"S={checkpoint['saved_model_file']}", "--views"])
