@@ -93,6 +93,13 @@ def load_benchmark(name):
     return module
 
 
+def is_checkpointing(module):
+    """Whether a Hugging Face model has activation (formerly gradient) checkpointing on, in either transformers API."""
+    if hasattr(type(module), "is_activation_checkpointing"):
+        return module.is_activation_checkpointing
+    return module.is_gradient_checkpointing
+
+
 def write_yaml(path, values):
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path

@@ -21,7 +21,7 @@ from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_rec
 from recbole_llm.text import SideData, item_vectors
 from recbole_llm.text.encoders import TextEncoder, encoder_path
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_trainer
-from conftest import checkpointing_gradients, tiny_config, write_tiny_dataset
+from conftest import checkpointing_gradients, is_checkpointing, tiny_config, write_tiny_dataset
 from llama_fixture import save_tiny_llama
 from hllm_ranks import gather_on_rank
 from test_ddp import free_port
@@ -149,7 +149,7 @@ def test_gradient_checkpointing_leaves_both_llms_gradients_unchanged(workdir):
     model, _, train, _, _ = build(end_to_end(workdir))
     batch = next(iter(train))
     plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(batch))  # same negatives
-    assert model.user_llm.is_gradient_checkpointing and model.item_llm.llm.is_gradient_checkpointing
+    assert is_checkpointing(model.user_llm) and is_checkpointing(model.item_llm.llm)
     assert plain.keys() == checkpointed.keys() and any(name.startswith("item_llm.llm.") for name in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
@@ -219,7 +219,7 @@ def test_top_layers_over_kept_lower_states_train_only_the_top_and_reload(workdir
                 parameter -= 0.1 * parameter.grad
     batch = next(iter(train))
     plain, checkpointed = checkpointing_gradients(top, lambda: top.calculate_loss(batch))
-    assert top.item_llm.llm.is_gradient_checkpointing and "item_llm.item_shift" in plain
+    assert is_checkpointing(top.item_llm.llm) and "item_llm.item_shift" in plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
     reloaded = build(config(hllm_item_trainable_layers=1), seed=7)[0]

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import checkpointing_gradients
+from conftest import checkpointing_gradients, is_checkpointing
 from llama_fixture import save_tiny_llama
 from recbole_llm.data.ctr import ANSWERS, CTRPrompts, render_prompt, rella_split_counts
 from recbole_llm.model.layers import MetaLoRA
@@ -365,7 +365,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(root):
     model, trainer, train, test = build_model(root, reclora_gate_dropout=0.0)
     batch = train.inter_feat[torch.arange(4)]
     plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(batch))
-    assert model.llm.is_gradient_checkpointing
+    assert is_checkpointing(model.llm)
     assert plain.keys() == checkpointed.keys() and any(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from recbole.data import data_preparation
 from recbole.evaluator import Collector, Evaluator
 
-from conftest import checkpointing_gradients, tiny_config, write_tiny_dataset
+from conftest import checkpointing_gradients, is_checkpointing, tiny_config, write_tiny_dataset
 from llama_fixture import save_tiny_llama
 from recbole_llm.config import Config
 from recbole_llm.model.layer_stack import layer_list
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(setup, backbone):
     model = build(setup, **keys)
     perturb_lora(model)  # LoRA's B starts at 0, which would leave A without gradient
     plain, checkpointed = checkpointing_gradients(model, lambda: model.calculate_loss(setup[3]), seed=1)
-    assert model.backbone.base_model.model.is_gradient_checkpointing
+    assert is_checkpointing(model.backbone.base_model.model)
     assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

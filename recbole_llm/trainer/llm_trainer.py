@@ -83,9 +83,13 @@ def llm_modules(model, key):
 
 
 def enable_gradient_checkpointing(model):
-    """Turn on non-reentrant gradient checkpointing in each LLM of ``model.llm_modules()``."""
+    """Turn on non-reentrant gradient checkpointing in each LLM of ``model.llm_modules()``: transformers' activation
+    checkpointing, or, in the transformers versions before that name, its gradient checkpointing (now deprecated)."""
     for module in llm_modules(model, "llm_gradient_checkpointing"):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def shard(model):
