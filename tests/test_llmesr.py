@@ -351,6 +351,44 @@ def test_logit_adjustment_shifts_the_training_logits_but_not_the_scores(data_dir
         build(data_dir, model="DualLLMSASRec", llm_logit_adjustment=0.5, loss_type="BCE")
 
 
+def test_id_view_dropout_one_ranks_every_training_row_by_the_semantic_view_alone(data_dir):
+    no_dropout = dict(model="DualLLMSASRec", hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
+    plain, batch, *_ = build(data_dir, **no_dropout)
+    dropped, *_ = build(data_dir, llmesr_id_view_dropout=1.0, **no_dropout)
+    dropped.load_state_dict(plain.state_dict())
+    width = plain.view_size
+    outputs, targets, _ = plain._rec_outputs_and_targets(batch)
+    semantic_logits = outputs[:, width:] @ plain.item_matrix()[:, width:].T
+    assert torch.allclose(dropped.calculate_loss(batch)[0], F.cross_entropy(semantic_logits, targets), atol=1e-5)
+    assert not torch.allclose(plain.calculate_loss(batch)[0], F.cross_entropy(semantic_logits, targets), atol=1e-3)
+    dropped.eval(), plain.eval()
+    assert torch.equal(dropped.full_sort_predict(batch), plain.full_sort_predict(batch))  # ranking keeps both views
+
+
+def test_id_view_dropout_zeroes_the_id_features_of_a_share_of_rows_and_no_gradient_reaches_their_id_rows(data_dir):
+    net, batch, *_ = build(data_dir, model="DualLLMSASRec", llmesr_id_view_dropout=0.5)
+    width = net.view_size
+    outputs = torch.randn(2000, 2 * width)
+    kept = net._drop_id_view(outputs)
+    zeroed = (kept[:, :width] == 0).all(-1)
+    assert torch.equal(kept[~zeroed], outputs[~zeroed]) and torch.equal(kept[:, width:], outputs[:, width:])
+    assert 0.45 < zeroed.float().mean() < 0.55
+    net.eval()
+    assert torch.equal(net._drop_id_view(outputs), outputs)
+    solo, *_ = build(data_dir, model="DualLLMSASRec", llmesr_id_view_dropout=1.0, llmesr_cross_attention=False)
+    solo.calculate_loss(batch)[0].backward()  # without cross-attention the ID table feeds only the ID view
+    assert solo.item_embedding.weight.grad is None or solo.item_embedding.weight.grad.abs().sum() == 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in solo.adapter.parameters())
+
+
+def test_id_view_dropout_errors_out_of_range_and_with_one_view(data_dir):
+    with pytest.raises(RecBoleLLMError, match=r"llmesr_id_view_dropout is 1.5: .* \[0, 1\]"):
+        build(data_dir, model="DualLLMSASRec", llmesr_id_view_dropout=1.5)
+    with pytest.raises(RecBoleLLMError, match="llmesr_id_view_dropout needs both views"):
+        build(data_dir, model="DualLLMSASRec", llmesr_id_view_dropout=0.2, llmesr_use_llm_view=False,
+              llmesr_cross_attention=False)
+
+
 @pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_Bert4Rec"])
 def test_input_scale_switch_multiplies_only_the_item_embedding(data_dir, model):
     scaled, batch, *_ = build(data_dir, model, llmesr_input_scale=True)

@@ -54,6 +54,9 @@ class DualLLM:
     ``llmesr_input_scale: False`` (transformer backbones) drops the official sqrt(width) scaling of the item
     embeddings, as RecBole's SASRec and BERT4Rec feed them. ``llm_logit_adjustment`` (tau, 0 = off, also on the
     ``…AP`` backbones) adds tau * log(the item's share of the training targets) to the CE loss's training logits.
+    ``llmesr_id_view_dropout`` (p, 0 = off) zeroes the ID-view features of each training row of the recommendation
+    loss with probability p, so that those rows are ranked by the semantic view alone (after DropoutNet, Volkovs et
+    al., NeurIPS 2017): the semantic view must learn to rank on its own instead of correcting the ID view.
 
     Systems: ``llmesr_activation_checkpointing`` recomputes each cross-attention and each view's encoder in the
     backward pass instead of keeping their activations (``torch.utils.checkpoint``, non-reentrant, dropout replayed
@@ -77,6 +80,7 @@ class DualLLM:
         if not (self.use_id_view or self.use_llm_view):
             raise RecBoleLLMError("llmesr_use_id_view and llmesr_use_llm_view are both False: keep at least one view.")
         self.llm_score_weight = config["llmesr_llm_score_weight"]
+        self.id_view_dropout = self._id_view_dropout(config)
         self.activation_checkpointing = config["llmesr_activation_checkpointing"]
         self._init_llm_view(config, dataset)
         self._init_id_view(config, dataset)
@@ -87,6 +91,14 @@ class DualLLM:
         self._eval_item_matrix = None
 
     # --- construction -------------------------------------------------------------------------------------------
+    def _id_view_dropout(self, config):
+        rate = config["llmesr_id_view_dropout"]
+        if not 0.0 <= rate <= 1.0:
+            raise RecBoleLLMError(f"llmesr_id_view_dropout is {rate}: it is a probability, set it in [0, 1].")
+        if rate > 0 and not (self.use_id_view and self.use_llm_view):
+            raise RecBoleLLMError("llmesr_id_view_dropout needs both views; set it 0 when a view is dropped.")
+        return rate
+
     @property
     def view_size(self):
         return self.item_embedding.embedding_dim
@@ -219,9 +231,18 @@ class DualLLM:
         users = self.forward(item_seq, item_seq_len)
         return users, interaction[self.POS_ITEM_ID], users
 
+    def _drop_id_view(self, outputs):
+        """``outputs [N, D]`` with each row's ID-view features zeroed with probability ``llmesr_id_view_dropout``
+        in training: the dropped rows' scores are then the semantic view's alone."""
+        if not (self.training and self.id_view_dropout > 0):
+            return outputs
+        dropped = torch.rand(len(outputs), 1, device=outputs.device) < self.id_view_dropout
+        id_columns = torch.arange(outputs.shape[-1], device=outputs.device) < self.view_size  # the ID view is first
+        return outputs.masked_fill(dropped & id_columns, 0.0)
+
     def calculate_loss(self, interaction):
         outputs, targets, users = self._rec_outputs_and_targets(interaction)
-        return (self.rec_loss(outputs, targets), *self.extra_losses(interaction, users))
+        return (self.rec_loss(self._drop_id_view(outputs), targets), *self.extra_losses(interaction, users))
 
     def extra_losses(self, interaction, users):
         """Terms added to the recommendation loss; logged separately by RecBole's trainer."""

@@ -6,9 +6,10 @@ Recommendation." NeurIPS 2024. Official code: github.com/liuqidong07/LLM-ESR (mo
 Config keys (properties/model/DualLLM.yaml, on top of RecBole's SASRec.yaml): ``llmesr_adapter_layers``,
 ``llmesr_cross_attention``, ``llmesr_cross_attention_heads``, ``llmesr_id_init``, ``llmesr_use_id_view``,
 ``llmesr_use_llm_view``, the switches beyond the paper (``llmesr_cross_residual``, ``llmesr_cross_norm``,
-``llmesr_init``, ``llmesr_llm_score_weight``, ``llmesr_input_scale``) and ``llmesr_setting`` (``faithful`` sets them
-as the paper does), ``llmesr_activation_checkpointing`` (memory only), ``loss_type`` (CE, BPR or BCE),
-``llm_logit_adjustment`` (CE only; 0, off), ``llm_train_mode``, and the side-data keys ``llm_*``.
+``llmesr_init``, ``llmesr_llm_score_weight``, ``llmesr_id_view_dropout``, ``llmesr_input_scale``) and
+``llmesr_setting`` (``faithful`` sets them as the paper does), ``llmesr_activation_checkpointing`` (memory only),
+``loss_type`` (CE, BPR or BCE), ``llm_logit_adjustment`` (CE only; 0, off), ``llm_train_mode``, and the side-data
+keys ``llm_*``.
 
 Deviations from the official code, kept so that the stock SASRec and this model differ only by LLM-ESR:
 - the backbone is RecBole's SASRec: causal attention with a padding mask and post-LayerNorm blocks, where the
