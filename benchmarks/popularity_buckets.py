@@ -17,6 +17,13 @@ was: the same loaders, the same history exclusion, full ranking or sampled.
 ``--views`` also ranks with each view of every LLM-ESR checkpoint alone (the ID view's dot product, or the
 semantic view's), one row each, to show which view places the targets of each bucket; other checkpoints keep one
 row. The trained model is not changed: the other view's item columns are zeroed at scoring, so its term is 0.
+
+``--rank_adjustment 0.1,0.2`` also ranks every checkpoint by ``score - tau * log(share of the item among the
+training targets)``, one row per tau: the post-hoc logit adjustment of Menon et al. (ICLR 2021, "Long-tail learning
+via logit adjustment"), which trades head accuracy for tail accuracy without retraining. The shares are those of
+``llm_logit_adjustment`` (``layers.log_target_shares``), counted over the targets the run trained on. With
+``--bounds 213`` (ml-1m-half's tail-item threshold) the buckets are exactly the runs' tail and head items, so the rows
+trace each model's overall/tail trade-off curve.
 """
 import argparse
 import contextlib
@@ -53,10 +60,6 @@ def bucket_name(low, high):
 VIEWS = ("ID view", "semantic view")  # LLM-ESR's item matrix is [ID view; semantic view], view_size columns each
 
 
-def has_both_views(model):
-    return getattr(model, "use_id_view", False) and getattr(model, "use_llm_view", False)
-
-
 @contextlib.contextmanager
 def one_view(model, view):
     """Within the block, ``model`` (an LLM-ESR model with both views) scores with ``view`` alone: the other view's
@@ -79,13 +82,44 @@ def one_view(model, view):
         model._eval_item_matrix = None
 
 
-def evaluate_buckets(model_file, bounds, metric, views=False):
+def training_target_field(config, train_dataset):
+    """The field of the targets a run trained on: every position's next item in ``all_positions`` mode, the
+    single target otherwise."""
+    from recbole_llm.data.dataset import target_list_field
+
+    field = target_list_field(config)
+    return field if config["llm_train_mode"] == "all_positions" and field in train_dataset.field2type \
+        else config["ITEM_ID_FIELD"]
+
+
+@contextlib.contextmanager
+def rank_adjusted(model, shift):
+    """Within the block, ``model`` scores every item ``i`` as its own score minus ``shift[i]`` (``[n_items]``), in
+    full ranking (``full_sort_predict``) and in sampled evaluation (``predict``)."""
+    full_sort_predict, predict = model.full_sort_predict, model.predict
+    model.full_sort_predict = lambda interaction: full_sort_predict(interaction) - shift
+    model.predict = lambda interaction: predict(interaction) - shift[interaction[model.ITEM_ID]]
+    try:
+        yield
+    finally:
+        del model.full_sort_predict, model.predict  # the instance attributes shadowed the methods
+
+
+ADJUSTED = "rank adjustment"
+
+
+def adjustment_name(tau):
+    return f"{ADJUSTED} {tau:g}"
+
+
+def evaluate_buckets(model_file, bounds, metric, views=False, taus=()):
     """``({scoring: {'all': value, bucket: value}}, {bucket: test rows})`` of one checkpoint, where the scorings
-    are the model's own (``'model'``) and, with ``views`` and a model with both LLM-ESR views, each of ``VIEWS``
-    alone."""
+    are the model's own (``'model'``), with ``views`` and a model with both LLM-ESR views each of ``VIEWS`` alone,
+    and for each ``tau`` of ``taus`` the model's scores post-hoc adjusted by ``tau`` (``adjustment_name``)."""
+    from recbole_llm.model.layers import log_target_shares
     from recbole_llm.quick_start import _build_trainer, load_data_and_model
 
-    config, model, dataset, _, valid_data, test_data = load_data_and_model(model_file, console_log=False)
+    config, model, dataset, train_data, valid_data, test_data = load_data_and_model(model_file, console_log=False)
     config["llm_group_metrics"] = True
     trainer = _build_trainer(config, model, dataset, valid_data, test_data)
     buckets = PopularityBuckets(trainer.evaluator.groups.item_popularity, bounds)
@@ -97,9 +131,15 @@ def evaluate_buckets(model_file, bounds, metric, views=False):
         return {"all": result[metric], **{name: result.get(f"{metric}[{name}]") for name in buckets.names()}}
 
     scorings = {"model": evaluate()}
-    for view in VIEWS if views and has_both_views(model) else ():
+    for view in VIEWS if views and getattr(model, "has_both_views", False) else ():
         with one_view(model, view):
             scorings[view] = evaluate()
+    if taus:
+        train_split = train_data.dataset
+        log_shares = log_target_shares(train_split, training_target_field(config, train_split)).to(model.device)
+        for tau in taus:
+            with rank_adjusted(model, tau * log_shares):
+                scorings[adjustment_name(tau)] = evaluate()
     return scorings, {name: trainer.evaluator.row_counts.get(name, 0) for name in buckets.names()}
 
 
@@ -110,6 +150,13 @@ def _measured(runs, column):
 
 def view_label(label, view):
     return f"{label}, {view} only"
+
+
+def scoring_label(label, scoring):
+    """The row of checkpoint ``label`` under ``scoring`` (a key of ``evaluate_buckets``'s result)."""
+    if scoring == "model":
+        return label
+    return view_label(label, scoring) if scoring in VIEWS else f"{label}, {scoring}"
 
 
 def view_labels(results):
@@ -132,7 +179,10 @@ def report(results, counts, metric, baseline, command):
         f"# Test {metric} by the target item's training popularity", "",
         f"Command: `{command}`", "",
         "Each bucket holds the test rows whose target item has that many distinct training users; 'all' is the "
-        "whole test set. Values are mean ± std over the checkpoints of a label (one per seed).", "",
+        "whole test set. Values are mean ± std over the checkpoints of a label (one per seed)."
+        + (" A row with 'rank adjustment tau' ranks by score - tau * log(the item's share of the training "
+           "targets), the post-hoc logit adjustment; the model is not retrained."
+           if any(ADJUSTED in label for label in results) else ""), "",
         markdown_table(header, rows), ""])
 
 
@@ -145,6 +195,9 @@ def parse_args(argv):
     parser.add_argument("--baseline", default=None, help="the label each other row is measured against")
     parser.add_argument("--views", action="store_true",
                         help="also rank with each view of LLM-ESR checkpoints alone, a row each")
+    parser.add_argument("--rank_adjustment", default="", metavar="TAU,...",
+                        help="also rank every checkpoint by score - tau * log(training target share), a row per "
+                             "tau (comma-separated positive numbers)")
     parser.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     args = parser.parse_args(argv)
     try:
@@ -153,6 +206,13 @@ def parse_args(argv):
         parser.error(f"--bounds {args.bounds!r}: give comma-separated integers, e.g. 20,50,100,213")
     if args.bounds != sorted(set(args.bounds)) or args.bounds[0] <= 0:
         parser.error(f"--bounds {args.bounds}: give distinct positive integers in ascending order")
+    try:
+        args.rank_adjustment = [float(t) for t in args.rank_adjustment.split(",")] if args.rank_adjustment else []
+    except ValueError:
+        parser.error(f"--rank_adjustment {args.rank_adjustment!r}: give comma-separated numbers, e.g. 0.1,0.2,0.5")
+    if any(tau <= 0 for tau in args.rank_adjustment):
+        parser.error(f"--rank_adjustment {args.rank_adjustment}: each tau must be positive (the model's own "
+                     f"scores are always a row)")
     pairs = []
     for entry in args.checkpoints:
         label, sep, path = entry.partition("=")
@@ -170,9 +230,9 @@ def main(argv=None):
     args = parse_args(argv)
     results, counts = {}, None
     for label, path in args.checkpoints:
-        scorings, counts = evaluate_buckets(path, args.bounds, args.metric, args.views)
+        scorings, counts = evaluate_buckets(path, args.bounds, args.metric, args.views, args.rank_adjustment)
         for scoring, values in scorings.items():
-            row = label if scoring == "model" else view_label(label, scoring)
+            row = scoring_label(label, scoring)
             results.setdefault(row, []).append(values)
             print(f"{row} {path}: " + ", ".join(f"{k} {v}" for k, v in values.items()), flush=True)
     if args.views and not view_labels(results) & set(results):

@@ -117,3 +117,48 @@ def test_views_add_rows_for_llmesr_checkpoints_only(buckets_module, dual_checkpo
     assert len({rows[i][2] for i in (1, 3, 4)}) == 3  # each scoring of D ranks differently
     with pytest.raises(SystemExit, match="none of the checkpoints is an LLM-ESR model"):
         buckets_module.main(["--checkpoints", f"S={checkpoint['saved_model_file']}", "--views"])
+
+
+def test_log_target_shares_by_hand():
+    from types import SimpleNamespace
+
+    from recbole_llm.model.layers import log_target_shares
+    split = SimpleNamespace(inter_feat={"targets": torch.tensor([[1, 2, 0], [2, 2, 0]])}, item_num=4)
+    counts = torch.tensor([0, 1, 3, 0], dtype=torch.float64) + 1  # padding 0 not counted; add-one smoothing
+    expected = torch.log(counts / counts.sum()).float()
+    assert torch.allclose(log_target_shares(split, "targets"), expected)
+
+
+def test_rank_adjustment_shifts_every_item_score_and_restores_the_model(buckets_module, checkpoint):
+    config, model, _, _, _, test_data = load_data_and_model(checkpoint["saved_model_file"], console_log=False)
+    model.eval()
+    batch = next(iter(test_data))[0]
+    shift = torch.arange(model.n_items, dtype=torch.float32) / 7
+    rows = batch[:5]
+    rows[model.ITEM_ID] = torch.tensor([1, 2, 3, 4, 5])
+    with torch.no_grad():
+        full, per_row = model.full_sort_predict(batch), model.predict(rows)
+        with buckets_module.rank_adjusted(model, shift):
+            assert torch.allclose(model.full_sort_predict(batch), full - shift, atol=1e-6)
+            assert torch.allclose(model.predict(rows), per_row - shift[1:6], atol=1e-6)
+        assert torch.equal(model.full_sort_predict(batch), full) and torch.equal(model.predict(rows), per_row)
+
+
+def test_a_large_rank_adjustment_moves_the_top_ten_to_the_least_popular_items(buckets_module, checkpoint):
+    scorings, counts = buckets_module.evaluate_buckets(checkpoint["saved_model_file"], [3, 8], "ndcg@10",
+                                                       taus=[1e-6, 1e4])
+    own, tiny_shift, huge_shift = (scorings[key] for key in ("model", "rank adjustment 1e-06", "rank adjustment 10000"))
+    assert tiny_shift == pytest.approx(own, abs=1e-4)  # a tau near 0 keeps the model's own ranking
+    assert own["8+"] > 0 and huge_shift["8+"] == 0  # popular targets leave the top ten
+    assert huge_shift["0-2"] >= own["0-2"]
+
+
+def test_rank_adjustment_rows_and_errors(buckets_module, checkpoint, tmp_path):
+    path, out = checkpoint["saved_model_file"], tmp_path / "adjusted.md"
+    buckets_module.main(["--checkpoints", f"A={path}", "--bounds", "8", "--metric", "ndcg@10", "--baseline", "A",
+                         "--rank_adjustment", "0.5", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [row[0].strip() for row in rows] == ["A", "A, rank adjustment 0.5", "A, rank adjustment 0.5 vs A"]
+    for bad in ("0,0.5", "x"):
+        with pytest.raises(SystemExit):
+            buckets_module.parse_args(["--checkpoints", f"A={SCRIPT}", "--rank_adjustment", bad])

@@ -91,9 +91,15 @@ def logit_prior(config, dataset, loss_type, target_field):
     if loss_type != "CE":
         raise RecBoleLLMError(f"llm_logit_adjustment adjusts the softmax of loss_type 'CE', not '{loss_type}'; set "
                               f"loss_type: CE or llm_logit_adjustment: 0.")
+    return tau * log_target_shares(dataset, target_field)
+
+
+def log_target_shares(dataset, target_field):
+    """``[n_items]``: log of each item's share among the ``target_field`` ids (0 = padding, not counted) of the
+    training split ``dataset``, add-one smoothed so that an item that is never a target keeps a finite value."""
     targets = dataset.inter_feat[target_field].flatten()
     counts = torch.bincount(targets[targets > 0], minlength=dataset.item_num).double() + 1
-    return (tau * torch.log(counts / counts.sum())).float()
+    return torch.log(counts / counts.sum()).float()
 
 
 def with_prior(logits, prior):

@@ -90,12 +90,17 @@ class DualLLM:
         self.register_buffer("logit_prior", prior, persistent=False)  # rebuilt from the data: state dicts unchanged
         self._eval_item_matrix = None
 
+    @property
+    def has_both_views(self):
+        """Whether the model has the ID view and the semantic view (the dual-view model, not an ablation)."""
+        return self.use_id_view and self.use_llm_view
+
     # --- construction -------------------------------------------------------------------------------------------
     def _id_view_dropout(self, config):
         rate = config["llmesr_id_view_dropout"]
         if not 0.0 <= rate <= 1.0:
             raise RecBoleLLMError(f"llmesr_id_view_dropout is {rate}: it is a probability, set it in [0, 1].")
-        if rate > 0 and not (self.use_id_view and self.use_llm_view):
+        if rate > 0 and not self.has_both_views:
             raise RecBoleLLMError("llmesr_id_view_dropout needs both views; set it 0 when a view is dropped.")
         return rate
 
@@ -122,7 +127,7 @@ class DualLLM:
     def _init_cross_attention(self, config):
         self.use_cross_attention = config["llmesr_cross_attention"]
         self.cross_residual = config["llmesr_cross_residual"]
-        if self.use_cross_attention and not (self.use_id_view and self.use_llm_view):
+        if self.use_cross_attention and not self.has_both_views:
             raise RecBoleLLMError("llmesr_cross_attention needs both views; set it False to drop a view.")
         if self.use_cross_attention:
             heads = config["llmesr_cross_attention_heads"]
@@ -299,7 +304,7 @@ class LLMESR:
         self.teacher_mode = config_choice(config, "llmesr_teacher", ("batch", "epoch", "running"))
         self.item_reg = config["llmesr_item_reg"]
         self.beta = config["llmesr_beta"]
-        if self.item_reg and not (self.use_id_view and self.use_llm_view):
+        if self.item_reg and not self.has_both_views:
             raise RecBoleLLMError("llmesr_item_reg aligns the two views; it needs both.")
         if self.distill:
             seqs, lengths = self._user_training_sequences(dataset)
