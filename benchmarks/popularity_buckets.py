@@ -63,7 +63,8 @@ VIEWS = ("ID view", "semantic view")  # LLM-ESR's item matrix is [ID view; seman
 @contextlib.contextmanager
 def one_view(model, view):
     """Within the block, ``model`` (an LLM-ESR model with both views) scores with ``view`` alone: the other view's
-    columns of its item matrix are zeroed, so that view adds nothing to any item's score."""
+    columns of its item matrix are zeroed, so that view adds nothing to any item's score, and BERT4Rec's per-item
+    output bias, which belongs to neither view, is left out."""
     kept = slice(0, model.view_size) if view == VIEWS[0] else slice(model.view_size, 2 * model.view_size)
     full_matrix = model.item_matrix
 
@@ -73,12 +74,13 @@ def one_view(model, view):
         masked[:, kept] = matrix[:, kept]
         return masked
 
-    model.item_matrix = view_matrix  # an instance attribute: it shadows the method until deleted
+    model.item_matrix = view_matrix  # instance attributes: they shadow the methods until deleted
+    model.item_bias = lambda items: 0.0
     model._eval_item_matrix = None  # the evaluation's cached matrix is rebuilt from the scoring in force
     try:
         yield
     finally:
-        del model.item_matrix
+        del model.item_matrix, model.item_bias
         model._eval_item_matrix = None
 
 
