@@ -84,16 +84,6 @@ def one_view(model, view):
         model._eval_item_matrix = None
 
 
-def training_target_field(config, train_dataset):
-    """The field of the targets a run trained on: every position's next item in ``all_positions`` mode, the
-    single target otherwise."""
-    from recbole_llm.data.dataset import target_list_field
-
-    field = target_list_field(config)
-    return field if config["llm_train_mode"] == "all_positions" and field in train_dataset.field2type \
-        else config["ITEM_ID_FIELD"]
-
-
 @contextlib.contextmanager
 def rank_adjusted(model, shift):
     """Within the block, ``model`` scores every item ``i`` as its own score minus ``shift[i]`` (``[n_items]``), in
@@ -118,6 +108,7 @@ def evaluate_buckets(model_file, bounds, metric, views=False, taus=()):
     """``({scoring: {'all': value, bucket: value}}, {bucket: test rows})`` of one checkpoint, where the scorings
     are the model's own (``'model'``), with ``views`` and a model with both LLM-ESR views each of ``VIEWS`` alone,
     and for each ``tau`` of ``taus`` the model's scores post-hoc adjusted by ``tau`` (``adjustment_name``)."""
+    from recbole_llm.data.dataset import training_target_field
     from recbole_llm.model.layers import log_target_shares
     from recbole_llm.quick_start import _build_trainer, load_data_and_model
 
@@ -137,8 +128,7 @@ def evaluate_buckets(model_file, bounds, metric, views=False, taus=()):
         with one_view(model, view):
             scorings[view] = evaluate()
     if taus:
-        train_split = train_data.dataset
-        log_shares = log_target_shares(train_split, training_target_field(config, train_split)).to(model.device)
+        log_shares = log_target_shares(train_data.dataset, training_target_field(config)).to(model.device)
         for tau in taus:
             with rank_adjusted(model, tau * log_shares):
                 scorings[adjustment_name(tau)] = evaluate()

@@ -26,6 +26,12 @@ def target_list_field(config):
     return config["ITEM_ID_FIELD"] + "_target" + config["LIST_SUFFIX"]
 
 
+def training_target_field(config):
+    """The field of the targets a sequential model trains on: every position's next item (``target_list_field``)
+    in ``all_positions`` mode, the single next item (``ITEM_ID_FIELD``) in ``prefix`` mode."""
+    return target_list_field(config) if config["llm_train_mode"] == "all_positions" else config["ITEM_ID_FIELD"]
+
+
 class AllPositionsDataset(SequentialDataset):
     """RecBole's SequentialDataset whose TRAIN split holds one row per user, for ``llm_train_mode: all_positions``.
 

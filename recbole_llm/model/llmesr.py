@@ -15,7 +15,7 @@ from recbole.utils import InputType
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from recbole_llm.data.dataset import target_list_field
+from recbole_llm.data.dataset import target_list_field, training_target_field
 from recbole_llm.model.layers import (CrossViewAttention, llm_adapter, logit_prior, per_row_user_vectors,
                                       sample_negatives, soft_contrastive_loss, with_prior)
 from recbole_llm.text import item_vectors, pca_item_vectors, similar_users
@@ -85,8 +85,7 @@ class DualLLM:
         self._init_llm_view(config, dataset)
         self._init_id_view(config, dataset)
         self._init_cross_attention(config)
-        target_field = self.target_list if self.train_mode == "all_positions" else self.POS_ITEM_ID
-        prior = logit_prior(config, dataset, self.rec_loss_type, target_field)
+        prior = logit_prior(config, dataset, self.rec_loss_type, training_target_field(config))
         self.register_buffer("logit_prior", prior, persistent=False)  # rebuilt from the data: state dicts unchanged
         self._eval_item_matrix = None
 
