@@ -8,7 +8,7 @@ from recbole.data import data_preparation
 
 from conftest import tiny_config, write_tiny_dataset
 from recbole_llm.config import Config
-from recbole_llm.model.layers import soft_contrastive_loss
+from recbole_llm.model.layers import soft_contrastive_loss, whitened
 from recbole_llm.text import item_vectors, pca_item_vectors
 from recbole_llm.utils import RecBoleLLMError, create_dataset, get_model
 
@@ -226,6 +226,50 @@ def test_ablation_switches(data_dir):
     assert len(full.calculate_loss(batch)) == 2 and len(no_sd.calculate_loss(batch)) == 1
     item_reg, *_ = build(data_dir, llmesr_item_reg=True)
     assert len(item_reg.calculate_loss(batch)) == 3
+
+
+def test_whitened_vectors_are_centred_with_unit_covariance_and_keep_zero_rows():
+    torch.manual_seed(0)
+    raw = torch.randn(50, 6) @ torch.randn(6, 6) + 3.0  # correlated, off-centre
+    raw[0] = 0.0  # the padding row
+    raw[7] = 0.0  # an item without text
+    out = whitened(raw)
+    kept = torch.ones(50, dtype=torch.bool)
+    kept[[0, 7]] = False
+    assert torch.equal(out[0], torch.zeros(6)) and torch.equal(out[7], torch.zeros(6))
+    assert torch.allclose(out[kept].mean(0), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(torch.cov(out[kept].T), torch.eye(6), atol=1e-4)
+    # no information is lost: an affine map of the whitened rows gives back the raw rows
+    design = torch.cat([out[kept], torch.ones(48, 1)], 1).double()
+    solution = torch.linalg.lstsq(design, raw[kept].double()).solution
+    assert torch.allclose(design @ solution, raw[kept].double(), atol=1e-6)
+
+
+def test_whiten_switch_feeds_the_adapter_whitened_rows(data_dir):
+    plain, *_ = build(data_dir)
+    white, batch, *_ = build(data_dir, llmesr_llm_whiten=True)
+    raw = plain.llm_item_embedding.weight
+    assert torch.allclose(white.llm_item_embedding.weight, whitened(raw))
+    assert not white.llm_item_embedding.weight.requires_grad
+    assert torch.isfinite(total_loss(white, batch))
+
+
+def test_gelu_adapter_is_nonlinear_and_keeps_the_linear_adapters_keys(data_dir):
+    linear, *_ = build(data_dir)
+    gelu, batch, *_ = build(data_dir, llmesr_adapter_activation="gelu")
+    assert [k for k in linear.adapter.state_dict()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert isinstance(gelu.adapter[1], torch.nn.GELU)
+    x = torch.randn(4, linear.llm_item_embedding.embedding_dim)
+    # a linear map takes the mean of two inputs to the mean of their images; the GELU adapter does not
+    for net, is_linear in ((linear, True), (gelu, False)):
+        mid = net.adapter((x[:2] + x[2:]) / 2)
+        assert torch.allclose(mid, (net.adapter(x[:2]) + net.adapter(x[2:])) / 2, atol=1e-6) == is_linear
+    total_loss(gelu, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gelu.adapter.parameters())
+    with pytest.raises(RecBoleLLMError, match="llmesr_adapter_layers: 2"):
+        build(data_dir, llmesr_adapter_layers=1, llmesr_adapter_activation="gelu")
+    with pytest.raises(RecBoleLLMError, match="llmesr_adapter_activation"):
+        build(data_dir, llmesr_adapter_activation="relu6")
 
 
 @pytest.mark.parametrize("model", ["LLMESR_SASRec", "LLMESR_GRU4Rec"])

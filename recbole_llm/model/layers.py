@@ -10,14 +10,36 @@ from torch import nn
 from recbole_llm.utils import RecBoleLLMError
 
 
-def llm_adapter(llm_dim, hidden_size, n_layers=2):
+def llm_adapter(llm_dim, hidden_size, n_layers=2, activation="none"):
     """LLM-ESR's adapter from the LLM space to ``hidden_size``: d -> d/2 -> hidden, linear layers without an
-    activation (as in the official code); ``n_layers=1`` is the paper's one-layer ablation."""
+    activation (as in the official code), or with ``activation="gelu"`` between them, which lets the semantic view
+    place items beyond a linear projection of their text vectors; ``n_layers=1`` is the paper's one-layer ablation."""
     if n_layers == 1:
+        if activation != "none":
+            raise RecBoleLLMError(f"llmesr_adapter_activation {activation!r} needs llmesr_adapter_layers: 2; a "
+                                  f"one-layer adapter has no hidden layer to apply it to.")
         return nn.Linear(llm_dim, hidden_size)
     if n_layers != 2:
         raise ValueError(f"llmesr_adapter_layers must be 1 or 2, got {n_layers}")
-    return nn.Sequential(nn.Linear(llm_dim, llm_dim // 2), nn.Linear(llm_dim // 2, hidden_size))
+    layers = [nn.Linear(llm_dim, llm_dim // 2), nn.Linear(llm_dim // 2, hidden_size)]
+    if activation == "gelu":
+        layers.insert(1, nn.GELU())  # only then: the linear adapter keeps its state-dict keys
+    return nn.Sequential(*layers)
+
+
+def whitened(vectors, eps=1e-6):
+    """``vectors [n, d]`` PCA-whitened over their non-zero rows: centred on those rows' mean and scaled to unit
+    variance along every principal axis (axes whose variance is below ``eps`` times the largest are dropped to 0).
+    All-zero rows (padding, items without text) stay zero, i.e. they read as the mean item."""
+    present = vectors.abs().sum(1) > 0
+    rows = vectors[present].double()
+    centred = rows - rows.mean(0)
+    _, singular, axes = torch.linalg.svd(centred, full_matrices=False)
+    std = singular / math.sqrt(max(len(rows) - 1, 1))
+    scale = torch.where(std > eps * std.max(), 1.0 / std, torch.zeros_like(std))
+    out = torch.zeros_like(vectors)
+    out[present] = ((centred @ axes.T) * scale).to(vectors.dtype)
+    return out
 
 
 class CrossViewAttention(nn.Module):

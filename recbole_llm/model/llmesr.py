@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from recbole_llm.data.dataset import target_list_field, training_target_field
 from recbole_llm.model.layers import (CrossViewAttention, llm_adapter, logit_prior, per_row_user_vectors,
-                                      sample_negatives, soft_contrastive_loss, with_prior)
+                                      sample_negatives, soft_contrastive_loss, whitened, with_prior)
 from recbole_llm.text import item_vectors, pca_item_vectors, similar_users
 from recbole_llm.text.side_data import top_similar
 from recbole_llm.utils import RecBoleLLMError, config_choice
@@ -109,11 +109,14 @@ class DualLLM:
 
     def _init_llm_view(self, config, dataset):
         vectors = item_vectors(dataset, config)
+        if config["llmesr_llm_whiten"]:
+            vectors = whitened(vectors)
         rows = torch.zeros(self.item_embedding.num_embeddings, vectors.shape[1])  # BERT4Rec's mask row stays 0
         rows[: len(vectors)] = vectors
         # Created after the backbone's weight init, so that init never overwrites it (RecBole #1046).
         self.llm_item_embedding = nn.Embedding.from_pretrained(rows, freeze=True)
-        self.adapter = llm_adapter(vectors.shape[1], self.view_size, config["llmesr_adapter_layers"])
+        activation = config_choice(config, "llmesr_adapter_activation", ("none", "gelu"))
+        self.adapter = llm_adapter(vectors.shape[1], self.view_size, config["llmesr_adapter_layers"], activation)
         self._init_plugin_weights(config, self.adapter)
 
     def _init_id_view(self, config, dataset):
