@@ -16,6 +16,7 @@ from recbole_llm.config import Config
 from recbole_llm.model import hllm_layers
 from recbole_llm.model.hllm_layers import (item_adapter_size, item_texts, item_token_table, nce_logits, nce_loss,
                                            softmax_logits, softmax_loss)
+from recbole_llm.model.layers import whitened
 from recbole_llm.model.sequential_recommender.hllm import HLLM
 from recbole_llm.quick_start import _build_trainer, load_data_and_model, run_recbole_llm
 from recbole_llm.text import SideData, item_vectors
@@ -267,6 +268,22 @@ def test_side_data_rows_are_the_cache_vectors_by_internal_id_without_a_second_en
     assert torch.equal(model.item_table[internal], torch.from_numpy(cached.matrix[cached.tokens.index("61")]))
     assert SideData(config).item_texts.texts["61"] == "Three Colors: White (1994). Genres: Drama."
     assert model.item_table.shape == (model.n_items, 384) and not model.item_table[0].any()
+
+
+def test_whitened_table_is_the_side_data_table_whitened_and_spreads_the_cosines(workdir):
+    config_dict = hllm_config(workdir, hllm_item_num_layers=None)  # side_data rows
+    plain, *_ = build(config_dict)
+    white, _, train, _, _ = build({**config_dict, "hllm_item_whiten": True})
+    assert torch.allclose(white.item_table, whitened(plain.item_table))
+    assert not white.item_table[0].any()  # the [PAD] row stays zero
+    def mean_cosine(table):
+        unit = F.normalize(table[1:], dim=-1)
+        n = len(unit)
+        return ((unit @ unit.T).sum() - n) / (n * (n - 1))
+    assert mean_cosine(plain.item_table) > 0.1 > abs(mean_cosine(white.item_table))
+    loss = white.calculate_loss(next(iter(train)))
+    loss.backward()
+    assert torch.isfinite(loss) and white.item_adapter.out.weight.grad.abs().sum() > 0
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
@@ -547,6 +564,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_adapter": 8}, r"hllm_item_adapter trains a head over the frozen item table"),
     ({"hllm_item_adapter": -1, "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be a hidden width"),
     ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),
+    ({"hllm_item_whiten": True}, r"hllm_item_whiten whitens the frozen item table"),
 ])
 def test_clear_errors(workdir, overrides, message):
     named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}

@@ -464,10 +464,12 @@ def test_item_profile_neighbours_are_the_nearest_mean_item_vectors(data_dir):
 
 def test_faithful_setting_restores_the_official_switches_under_the_users_keys(data_dir):
     switches = ("llmesr_cross_residual", "llmesr_cross_norm", "llmesr_init", "llmesr_llm_score_weight",
-                "llmesr_sim_user_source", "llmesr_alpha", "llmesr_input_scale", "llm_logit_adjustment")
+                "llmesr_sim_user_source", "llmesr_alpha", "llmesr_input_scale", "llm_logit_adjustment",
+                "llmesr_id_view_dropout", "llmesr_llm_whiten", "llmesr_adapter_activation")
     official = {"llmesr_cross_residual": False, "llmesr_cross_norm": False, "llmesr_init": "backbone",
                 "llmesr_llm_score_weight": 1.0, "llmesr_sim_user_source": "text", "llmesr_alpha": 0.1,
-                "llmesr_input_scale": True, "llm_logit_adjustment": 0.0}
+                "llmesr_input_scale": True, "llm_logit_adjustment": 0.0, "llmesr_id_view_dropout": 0.0,
+                "llmesr_llm_whiten": False, "llmesr_adapter_activation": "none"}
     faithful = Config(model="LLMESR_SASRec", config_dict=tiny_config(data_dir, llmesr_setting="faithful"))
     assert {key: faithful[key] for key in switches} == official
     assert faithful["llmesr_cross_attention"] and faithful["llmesr_distill"]  # the paper's model keeps both

@@ -57,6 +57,9 @@ class DualLLM:
     ``llmesr_id_view_dropout`` (p, 0 = off) zeroes the ID-view features of each training row of the recommendation
     loss with probability p, so that those rows are ranked by the semantic view alone (after DropoutNet, Volkovs et
     al., NeurIPS 2017): the semantic view must learn to rank on its own instead of correcting the ID view.
+    ``llmesr_llm_whiten`` PCA-whitens the frozen LLM item vectors before the adapter: sentence vectors crowd into a
+    narrow cone, which a linear adapter at a small init maps to nearly equal items; ``llmesr_adapter_activation:
+    gelu`` makes the adapter non-linear (official: two linear layers).
 
     Systems: ``llmesr_activation_checkpointing`` recomputes each cross-attention and each view's encoder in the
     backward pass instead of keeping their activations (``torch.utils.checkpoint``, non-reentrant, dropout replayed

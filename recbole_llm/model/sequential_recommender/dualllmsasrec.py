@@ -6,7 +6,8 @@ Recommendation." NeurIPS 2024. Official code: github.com/liuqidong07/LLM-ESR (mo
 Config keys (properties/model/DualLLM.yaml, on top of RecBole's SASRec.yaml): ``llmesr_adapter_layers``,
 ``llmesr_cross_attention``, ``llmesr_cross_attention_heads``, ``llmesr_id_init``, ``llmesr_use_id_view``,
 ``llmesr_use_llm_view``, the switches beyond the paper (``llmesr_cross_residual``, ``llmesr_cross_norm``,
-``llmesr_init``, ``llmesr_llm_score_weight``, ``llmesr_id_view_dropout``, ``llmesr_input_scale``) and
+``llmesr_init``, ``llmesr_llm_score_weight``, ``llmesr_id_view_dropout``, ``llmesr_llm_whiten``,
+``llmesr_adapter_activation``, ``llmesr_input_scale``) and
 ``llmesr_setting`` (``faithful`` sets them as the paper does), ``llmesr_activation_checkpointing`` (memory only),
 ``loss_type`` (CE, BPR or BCE), ``llm_logit_adjustment`` (CE only; 0, off), ``llm_train_mode``, and the side-data
 keys ``llm_*``.
