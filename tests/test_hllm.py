@@ -253,7 +253,8 @@ def test_frozen_table_is_read_back_from_the_cache(workdir, frozen, monkeypatch):
 
 
 def test_side_data_rows_are_the_cache_vectors_by_internal_id_without_a_second_encoder_pass(workdir, monkeypatch):
-    config_dict = hllm_config(workdir, hllm_item_num_layers=None)  # the whole MiniLM: auto picks side_data
+    # the whole MiniLM: auto picks side_data; unwhitened, so that the rows are the cache's own
+    config_dict = hllm_config(workdir, hllm_item_num_layers=None, hllm_item_whiten=False)
     config = Config(config_dict=config_dict)
     dataset = create_dataset(config)
     item_vectors(dataset, config)  # the cache filled as an LLM-ESR model fills it
@@ -272,8 +273,8 @@ def test_side_data_rows_are_the_cache_vectors_by_internal_id_without_a_second_en
 
 def test_whitened_table_is_the_side_data_table_whitened_and_spreads_the_cosines(workdir):
     config_dict = hllm_config(workdir, hllm_item_num_layers=None)  # side_data rows
-    plain, *_ = build(config_dict)
-    white, _, train, _, _ = build({**config_dict, "hllm_item_whiten": True})
+    plain, *_ = build({**config_dict, "hllm_item_whiten": False})
+    white, _, train, _, _ = build(config_dict)  # auto: whitened, as the table is frozen
     assert torch.allclose(white.item_table, whitened(plain.item_table))
     assert not white.item_table[0].any()  # the [PAD] row stays zero
     def mean_cosine(table):
@@ -565,6 +566,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_adapter": -1, "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be a hidden width"),
     ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),
     ({"hllm_item_whiten": True}, r"hllm_item_whiten whitens the frozen item table"),
+    ({"hllm_item_whiten": "pca", "hllm_freeze_item_llm": True}, r"hllm_item_whiten must be True, False or auto"),
 ])
 def test_clear_errors(workdir, overrides, message):
     named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}

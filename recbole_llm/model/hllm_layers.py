@@ -382,6 +382,21 @@ def item_micro_batch(config):
 ADAPTER_AUTO_WIDTH = 1536  # the width measured best on ml-100k and ml-1m-half (results/ml-1m-half-hllm.md)
 
 
+def item_whiten(config):
+    """``hllm_item_whiten``: whether the frozen item table is PCA-whitened; ``auto`` is True when the table is frozen
+    and False end to end, where the item LLM's vectors change at every step."""
+    whiten = config["hllm_item_whiten"]
+    frozen = config["hllm_freeze_item_llm"]
+    if whiten == "auto":
+        return frozen
+    if not isinstance(whiten, bool):
+        raise RecBoleLLMError(f"hllm_item_whiten must be True, False or auto, not {whiten!r}.")
+    if whiten and not frozen:
+        raise RecBoleLLMError("hllm_item_whiten whitens the frozen item table (hllm_freeze_item_llm: True); end to "
+                              "end the item LLM's vectors change every step. Set hllm_item_whiten: False or auto.")
+    return whiten
+
+
 def item_adapter_size(config):
     """``hllm_item_adapter``: the hidden width of the trainable head over the frozen item table, 0 for none;
     ``auto`` is ``ADAPTER_AUTO_WIDTH`` when the table is frozen and 0 end to end, where the item LLM itself trains."""
