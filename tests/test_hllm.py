@@ -287,6 +287,23 @@ def test_whitened_table_is_the_side_data_table_whitened_and_spreads_the_cosines(
     assert torch.isfinite(loss) and white.item_adapter.out.weight.grad.abs().sum() > 0
 
 
+def test_user_dropout_acts_in_training_only_and_reaches_the_attention(workdir):
+    model, _, train, _, _ = build(hllm_config(workdir, hllm_freeze_item_llm=True, hllm_user_dropout=0.5))
+    assert model.user_llm.config.attention_dropout == 0.5
+    rows = next(iter(train))
+    seq, lengths = rows["item_id_list"], rows["item_length"]
+    model.train()
+    assert not torch.allclose(model.forward(seq, lengths), model.forward(seq, lengths))
+    model.eval()
+    assert torch.equal(model.forward(seq, lengths), model.forward(seq, lengths))
+    plain, *_ = build(hllm_config(workdir, hllm_freeze_item_llm=True))  # 0, the official model: no dropout
+    plain.train()
+    assert plain.user_llm.config.attention_dropout == 0.0
+    assert torch.equal(plain.forward(seq, lengths), plain.forward(seq, lengths))
+    loaded, *_ = build(end_to_end(workdir, hllm_user_dropout=0.3))  # a user LLM from a folder gets it too
+    assert loaded.user_llm.config.attention_dropout == 0.3
+
+
 # --- the loss -----------------------------------------------------------------------------------------------------
 
 def test_false_negative_mask_removes_exactly_the_near_duplicates():
@@ -567,6 +584,9 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),
     ({"hllm_item_whiten": True}, r"hllm_item_whiten whitens the frozen item table"),
     ({"hllm_item_whiten": "pca", "hllm_freeze_item_llm": True}, r"hllm_item_whiten must be True, False or auto"),
+    ({"hllm_user_dropout": 1.0}, r"hllm_user_dropout must be a probability in \[0, 1\), not 1.0"),
+    ({"hllm_user_llm": "MINILM", "hllm_user_dropout": 0.1}, r"hllm_user_dropout needs a user LLM whose config has "
+                                                           r"attention_dropout; hllm_user_llm '.*' \(bert\)"),
 ])
 def test_clear_errors(workdir, overrides, message):
     named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}

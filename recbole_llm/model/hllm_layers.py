@@ -68,11 +68,12 @@ def item_token_table(texts, tokenizer, max_length, n_item_tokens):
 
 # --- the two LLMs -------------------------------------------------------------------------------------------------
 
-def load_base_llm(path, pretrained, num_layers, key):
+def load_base_llm(path, pretrained, num_layers, key, **overrides):
     """A Hugging Face base model (no LM head) from folder ``path``: its weights when ``pretrained``, else its
-    architecture randomly initialised; ``num_layers`` keeps the first layers only (~ = all)."""
+    architecture randomly initialised; ``num_layers`` keeps the first layers only (~ = all); ``overrides`` set
+    other config attributes."""
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    overrides = {"use_cache": False}
+    overrides["use_cache"] = False
     if num_layers is not None:
         available = hf_config.num_hidden_layers
         if not 1 <= num_layers <= available:
@@ -87,7 +88,7 @@ def load_base_llm(path, pretrained, num_layers, key):
     return AutoModel.from_config(hf_config)
 
 
-def fresh_llama(hidden_size, num_layers, num_heads, inner_size, max_positions):
+def fresh_llama(hidden_size, num_layers, num_heads, inner_size, max_positions, attention_dropout=0.0):
     """A randomly initialised causal Llama that reads ``inputs_embeds`` only (its one-row vocabulary is unused)."""
     if num_layers is None or hidden_size % num_heads:
         raise RecBoleLLMError(
@@ -96,24 +97,33 @@ def fresh_llama(hidden_size, num_layers, num_heads, inner_size, max_positions):
     hf_config = LlamaConfig(vocab_size=1, hidden_size=hidden_size, intermediate_size=inner_size,
                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
                             num_key_value_heads=num_heads, max_position_embeddings=max_positions, use_cache=False,
-                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                            attention_dropout=attention_dropout)
     return LlamaModel(hf_config)
 
 
 def user_llm(config, item_dim):
     """The user LLM: ``hllm_user_llm`` (a decoder-only model) or a fresh Llama of ``hllm_user_*`` sizes. Its word
-    embeddings are frozen: item vectors come in as ``inputs_embeds`` and words are never read."""
+    embeddings are frozen: item vectors come in as ``inputs_embeds`` and words are never read.
+    ``hllm_user_dropout`` is its attention dropout."""
+    dropout = user_dropout(config)
     if config["hllm_user_llm"] is None:
         model = fresh_llama(config["hllm_user_hidden_size"] or item_dim, config["hllm_user_num_layers"],
                             config["hllm_user_num_heads"], config["hllm_user_inner_size"],
-                            config["MAX_ITEM_LIST_LENGTH"])
+                            config["MAX_ITEM_LIST_LENGTH"], dropout)
     else:
         path = encoder_path(config, "hllm_user_llm")
-        if not is_decoder_only(AutoConfig.from_pretrained(path, local_files_only=True)):
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if dropout and not hasattr(hf_config, "attention_dropout"):
+            raise RecBoleLLMError(f"hllm_user_dropout needs a user LLM whose config has attention_dropout; "
+                                  f"hllm_user_llm '{path}' ({hf_config.model_type}) has none. Set "
+                                  f"hllm_user_dropout: 0.")
+        if not is_decoder_only(hf_config):
             raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must "
                                   f"be one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set "
                                   f"it ~.")
-        model = load_base_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm")
+        model = load_base_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm",
+                              **({"attention_dropout": dropout} if dropout else {}))
     model.get_input_embeddings().requires_grad_(False)
     return model
 
@@ -380,6 +390,15 @@ def item_micro_batch(config):
 
 
 ADAPTER_AUTO_WIDTH = 1536  # the width measured best on ml-100k and ml-1m-half (results/ml-1m-half-hllm.md)
+
+
+def user_dropout(config):
+    """``hllm_user_dropout``: the dropout probability on the user LLM's inputs and attention weights."""
+    p = config["hllm_user_dropout"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise RecBoleLLMError(f"hllm_user_dropout must be a probability in [0, 1), not {p!r}; 0 is the official "
+                              f"model (no dropout).")
+    return float(p)
 
 
 def item_whiten(config):

@@ -15,7 +15,7 @@ from recbole_llm.data.dataset import target_list_field
 from recbole_llm.model.hllm_layers import (HEADS, ItemAdapter, ItemLLM, LateFusionHead, choice, clamp_logit_scale,
                                            cosines, frozen_item_table, gather_negatives, item_adapter_size,
                                            item_micro_batch, item_text_choice, item_whiten, loss_choice, nce_loss,
-                                           softmax_loss, uniform_items, user_llm)
+                                           softmax_loss, uniform_items, user_dropout, user_llm)
 from recbole_llm.model.layers import per_row_user_vectors, sample_negatives, whitened
 from recbole_llm.text import item_vectors as side_data_item_vectors
 from recbole_llm.trainer.llm_trainer import autocast, compute_dtype
@@ -88,7 +88,7 @@ class HLLM(SequentialRecommender):
     ``hllm_item_pooling``, ``hllm_freeze_item_llm``, ``hllm_item_text``, ``hllm_item_batch_size``,
     ``hllm_item_micro_batch``, ``hllm_item_trainable_layers``, ``hllm_item_adapter``, ``hllm_item_whiten``, ``hllm_user_llm``,
     ``hllm_user_llm_pretrained``, ``hllm_user_num_layers``, ``hllm_user_hidden_size``, ``hllm_user_num_heads``,
-    ``hllm_user_inner_size``, ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``,
+    ``hllm_user_inner_size``, ``hllm_user_dropout``, ``hllm_loss``, ``hllm_num_negatives``, ``hllm_nce_thres``, ``hllm_head``,
     ``hllm_gen_weight``, ``hllm_head_hidden_size``; and ``llm_train_mode``.
     """
 
@@ -122,6 +122,7 @@ class HLLM(SequentialRecommender):
         self.user_llm = user_llm(config, item_dim)
         user_dim = self.user_llm.config.hidden_size
         self.item_to_user = nn.Linear(item_dim, user_dim) if user_dim != item_dim else nn.Identity()
+        self.user_input_dropout = nn.Dropout(user_dropout(config))
         self.user_to_item = nn.Linear(user_dim, item_dim) if user_dim != item_dim else nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.late_fusion = choice(config, "hllm_head", HEADS) == "late_fusion"
@@ -176,7 +177,7 @@ class HLLM(SequentialRecommender):
         """``[B, L, user width]``: the user LLM's last-layer states over the left-aligned ``item_seq`` given its
         item vectors ``[B, L, D]``; with the late-fusion head ``[B, L + 1, .]``, the learnable [USER] vector put
         right after each sequence's last item (causal attention keeps the item positions' states unchanged)."""
-        inputs, mask = self.item_to_user(item_vectors), item_seq > 0
+        inputs, mask = self.user_input_dropout(self.item_to_user(item_vectors)), item_seq > 0
         if self.late_fusion:
             slot = F.one_hot(mask.sum(1), item_seq.size(1) + 1).bool()  # the first position after the items
             inputs = torch.where(slot[..., None], self.user_token, F.pad(inputs, (0, 0, 0, 1)))
