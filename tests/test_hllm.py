@@ -41,8 +41,9 @@ def workdir(tmp_path_factory):
 
 def hllm_config(workdir, **overrides):
     """Frozen 1-layer MiniLM items (no prompt, 16 tokens; so hllm_item_text auto is prompt), a 1-layer user Llama
-    of width 16: cheap steps."""
+    of width 16: cheap steps. The official InfoNCE without dropout, which frozen mode's auto values replace."""
     values = {"model": "HLLM", "hllm_item_num_layers": 1, "hllm_item_prompt": "", "hllm_max_text_length": 16,
+              "hllm_loss": "nce", "hllm_user_dropout": 0.0,
               "hllm_user_num_layers": 1, "hllm_user_hidden_size": 16, "hllm_user_inner_size": 32,
               "hllm_num_negatives": 32, "train_batch_size": 20, "metrics": ["Recall", "NDCG"], "topk": [5, 10],
               "valid_metric": "NDCG@10", "epochs": 1, **overrides}
@@ -302,6 +303,16 @@ def test_user_dropout_acts_in_training_only_and_reaches_the_attention(workdir):
     assert torch.equal(plain.forward(seq, lengths), plain.forward(seq, lengths))
     loaded, *_ = build(end_to_end(workdir, hllm_user_dropout=0.3))  # a user LLM from a folder gets it too
     assert loaded.user_llm.config.attention_dropout == 0.3
+
+
+def test_auto_loss_and_dropout_are_the_softmax_and_dropout_over_a_frozen_table_and_official_end_to_end(workdir):
+    auto = {"hllm_loss": "auto", "hllm_user_dropout": "auto"}
+    frozen_model, *_ = build(hllm_config(workdir, **auto))
+    assert frozen_model.softmax and frozen_model.user_input_dropout.p == 0.2
+    assert frozen_model.user_llm.config.attention_dropout == 0.2
+    trained, *_ = build(end_to_end(workdir, **auto))
+    assert not trained.softmax and trained.user_input_dropout.p == 0.0
+    assert trained.user_llm.config.attention_dropout == 0.0
 
 
 # --- the loss -----------------------------------------------------------------------------------------------------
@@ -571,7 +582,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_text": "side_data", "hllm_freeze_item_llm": True, "hllm_item_num_layers": None,
       "llm_encoder": "LLAMA"},
      r"side_data takes the vectors of llm_encoder, unchanged, but hllm_item_llm is '.*' and llm_encoder '.*llama'"),
-    ({"hllm_loss": "bpr"}, r"hllm_loss 'bpr' is unknown; use one of nce, softmax"),
+    ({"hllm_loss": "bpr"}, r"hllm_loss 'bpr' is unknown; use one of auto, nce, softmax"),
     ({"hllm_loss": "softmax"}, r"hllm_loss: softmax .* needs the frozen item table \(hllm_freeze_item_llm: True\)"),
     ({"hllm_item_micro_batch": 0}, r"hllm_item_micro_batch must be a positive number of items or ~"),
     ({"hllm_item_trainable_layers": 1, "hllm_freeze_item_llm": True},
@@ -584,7 +595,7 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_adapter": "wide", "hllm_freeze_item_llm": True}, r"hllm_item_adapter must be .* or auto, not 'wide'"),
     ({"hllm_item_whiten": True}, r"hllm_item_whiten whitens the frozen item table"),
     ({"hllm_item_whiten": "pca", "hllm_freeze_item_llm": True}, r"hllm_item_whiten must be True, False or auto"),
-    ({"hllm_user_dropout": 1.0}, r"hllm_user_dropout must be a probability in \[0, 1\), not 1.0"),
+    ({"hllm_user_dropout": 1.0}, r"hllm_user_dropout must be a probability in \[0, 1\) or auto, not 1.0"),
     ({"hllm_user_llm": "MINILM", "hllm_user_dropout": 0.1}, r"hllm_user_dropout needs a user LLM whose config has "
                                                            r"attention_dropout; hllm_user_llm '.*' \(bert\)"),
 ])

@@ -21,7 +21,7 @@ from recbole_llm.utils import RecBoleLLMError
 POOLINGS = ("auto", "item", "mean")
 HEADS = ("generative", "late_fusion")
 ITEM_TEXTS = ("auto", "side_data", "prompt")
-LOSSES = ("nce", "softmax")
+LOSSES = ("auto", "nce", "softmax")
 _TEXT_TYPES = ("token", "token_seq", "float")  # .item columns that can hold an item's words or numbers
 
 
@@ -351,12 +351,16 @@ def _side_data_mismatch(config):
 
 
 def loss_choice(config):
-    """``hllm_loss``: ``nce`` (the official sampled InfoNCE) or ``softmax`` (over every item, frozen mode only)."""
+    """``hllm_loss``: ``nce`` (the official sampled InfoNCE) or ``softmax`` (over every item, frozen mode only);
+    ``auto`` is ``softmax`` when the item table is frozen and ``nce`` end to end."""
     loss = choice(config, "hllm_loss", LOSSES)
-    if loss == "softmax" and not config["hllm_freeze_item_llm"]:
+    frozen = config["hllm_freeze_item_llm"]
+    if loss == "auto":
+        return "softmax" if frozen else "nce"
+    if loss == "softmax" and not frozen:
         raise RecBoleLLMError("hllm_loss: softmax scores every item at every step, which needs the frozen item table "
                               "(hllm_freeze_item_llm: True); end to end it would run every item through the item LLM "
-                              "each step. Use hllm_loss: nce to train end to end.")
+                              "each step. Use hllm_loss: nce or auto to train end to end.")
     return loss
 
 
@@ -392,12 +396,18 @@ def item_micro_batch(config):
 ADAPTER_AUTO_WIDTH = 1536  # the width measured best on ml-100k and ml-1m-half (results/ml-1m-half-hllm.md)
 
 
+DROPOUT_AUTO = 0.2  # the rate measured best over a frozen item table on ml-1m-half (results/ml-1m-half-hllm.md)
+
+
 def user_dropout(config):
-    """``hllm_user_dropout``: the dropout probability on the user LLM's inputs and attention weights."""
+    """``hllm_user_dropout``: the dropout probability on the user LLM's inputs and attention weights; ``auto`` is
+    ``DROPOUT_AUTO`` when the item table is frozen and 0 end to end (the official model has none)."""
     p = config["hllm_user_dropout"]
+    if p == "auto":
+        return DROPOUT_AUTO if config["hllm_freeze_item_llm"] else 0.0
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise RecBoleLLMError(f"hllm_user_dropout must be a probability in [0, 1), not {p!r}; 0 is the official "
-                              f"model (no dropout).")
+        raise RecBoleLLMError(f"hllm_user_dropout must be a probability in [0, 1) or auto, not {p!r}; 0 is the "
+                              f"official model (no dropout).")
     return float(p)
 
 
