@@ -703,9 +703,21 @@ def import_pyplot():
     return plt
 
 
+def command_keys(row):
+    """The command-line keys of the row's section, () when not recorded."""
+    return tuple(row["protocol"]["keys"]) if row.get("protocol") else ()
+
+
+def plot_label(row, rows):
+    """The row's entry, with its command-line keys when another drawn row has the same entry."""
+    repeated = sum(other["model"] == row["model"] for other in rows) > 1
+    return " ".join([row["model"], *command_keys(row)]) if repeated else row["model"]
+
+
 def plot_rows(rows):
-    """The rows to draw: the latest of each entry that has results, each backbone before the models it enhances."""
-    latest = list({row["model"]: row for row in rows if row["seeds"]}.values())
+    """The rows to draw: the latest of each entry and command-line keys that has results (an entry run with
+    ``--epochs=30`` and with ``--epochs=50`` draws twice), each backbone before the models it enhances."""
+    latest = list({(row["model"], command_keys(row)): row for row in rows if row["seeds"]}.values())
 
     def family(row):  # the backbone a row is drawn beside: its own, or itself
         return backbone_of(row["model"]) or model_of(row["model"])
@@ -731,7 +743,8 @@ def plot_summary(rows, path):
             is_backbone = model_of(row["model"]) in backbones
             ax.bar([x + (index - (len(series) - 1) / 2) * width for x in range(len(LONG_TAIL_GROUPS))],
                    [mean for mean, _ in stats], width, yerr=[std for _, std in stats], capsize=2,
-                   hatch="//" if is_backbone else None, label=row["model"] + (" (backbone)" if is_backbone else ""))
+                   hatch="//" if is_backbone else None,
+                   label=plot_label(row, series) + (" (backbone)" if is_backbone else ""))
         ax.set_xticks(range(len(LONG_TAIL_GROUPS)), LONG_TAIL_GROUPS)
         ax.set_ylabel(f"test {metric}")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))

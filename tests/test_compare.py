@@ -337,6 +337,23 @@ def test_plot_is_a_png_with_a_bar_per_model_and_group(compare, tmp_path):
     assert compare.plot_summary([], str(tmp_path / "none.png")) == [] and not (tmp_path / "none.png").exists()
 
 
+def test_plot_draws_an_entry_once_per_set_of_command_line_keys(compare, tmp_path):
+    pytest.importorskip("matplotlib")
+    protocol = {"config_files": {}, "code": "c"}
+    rows = [{"model": "HLLM", "metric": "ndcg@10", "seeds": [1], "failed_seeds": [], "epochs": [3],
+             "values": {g: [value] for g in compare.LONG_TAIL_GROUPS}, "dataset": "toy", "section": index,
+             "protocol": {**protocol, "keys": keys}}
+            for index, (keys, value) in enumerate([(["--epochs=30"], 0.1), (["--epochs=50"], 0.2),
+                                                   (["--epochs=30"], 0.3)])]
+    drawn = compare.plot_rows(rows)
+    assert [(compare.command_keys(row), row["values"]["tail_item"]) for row in drawn] == [
+        (("--epochs=30",), [0.3]), (("--epochs=50",), [0.2])]  # the latest of each set of keys
+    axes = compare.plot_summary(rows, str(tmp_path / "keys.png"))
+    labels = [bar.get_label() for bar in axes[0].containers if hasattr(bar, "patches")]
+    assert labels == ["HLLM --epochs=30", "HLLM --epochs=50"]
+    assert compare.plot_label(rows[0], rows[:1]) == "HLLM"  # a lone entry keeps its plain name
+
+
 def test_plot_without_matplotlib_stops_before_any_run(compare, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
 
