@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from recbole.data import data_preparation
 from recbole.utils import init_seed
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GPT2Config
 
 from recbole_llm.config import Config
 from recbole_llm.model import hllm_layers
@@ -32,10 +32,12 @@ PROMPT = "Compress the following sentence into embedding: "
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """The tiny dataset and a tiny random Llama (hidden 32) saved with a Llama-2-style tokenizer."""
+    """The tiny dataset, a tiny random Llama (hidden 32) saved with a Llama-2-style tokenizer, and a GPT-2 config."""
     path = tmp_path_factory.mktemp("hllm")
     write_tiny_dataset(path / "data")
     save_tiny_llama(path / "llama", max_position_embeddings=64)
+    # a decoder whose config has no attention_dropout
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=8).save_pretrained(path / "gpt2")
     return path
 
 
@@ -596,11 +598,12 @@ def test_late_fusion_keeps_the_item_states_and_trains_the_user_vector_and_the_he
     ({"hllm_item_whiten": True}, r"hllm_item_whiten whitens the frozen item table"),
     ({"hllm_item_whiten": "pca", "hllm_freeze_item_llm": True}, r"hllm_item_whiten must be True, False or auto"),
     ({"hllm_user_dropout": 1.0}, r"hllm_user_dropout must be a probability in \[0, 1\) or auto, not 1.0"),
-    ({"hllm_user_llm": "MINILM", "hllm_user_dropout": 0.1}, r"hllm_user_dropout needs a user LLM whose config has "
-                                                           r"attention_dropout; hllm_user_llm '.*' \(bert\)"),
+    ({"hllm_user_llm": "GPT2", "hllm_user_dropout": 0.1}, r"hllm_user_dropout needs a user LLM whose config has "
+                                                          r"attention_dropout; hllm_user_llm '.*' \(gpt2\)"),
 ])
 def test_clear_errors(workdir, overrides, message):
-    named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama")}
+    named = {"MINILM": str(encoder_path({"llm_encoder": None})), "LLAMA": str(workdir / "llama"),
+             "GPT2": str(workdir / "gpt2")}
     overrides = {key: named.get(value, value) if isinstance(value, str) else value for key, value in overrides.items()}
     with pytest.raises(RecBoleLLMError, match=message):
         build(hllm_config(workdir, **{"hllm_freeze_item_llm": False, **overrides}))

@@ -114,14 +114,14 @@ def user_llm(config, item_dim):
     else:
         path = encoder_path(config, "hllm_user_llm")
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if dropout and not hasattr(hf_config, "attention_dropout"):
-            raise RecBoleLLMError(f"hllm_user_dropout needs a user LLM whose config has attention_dropout; "
-                                  f"hllm_user_llm '{path}' ({hf_config.model_type}) has none. Set "
-                                  f"hllm_user_dropout: 0.")
         if not is_decoder_only(hf_config):
             raise RecBoleLLMError(f"hllm_user_llm '{path}' is not a decoder-only (causal) model; the user LLM must "
                                   f"be one (Llama, Qwen, Mistral, ...). Point hllm_user_llm at such a model, or set "
                                   f"it ~.")
+        if dropout and not hasattr(hf_config, "attention_dropout"):
+            raise RecBoleLLMError(f"hllm_user_dropout needs a user LLM whose config has attention_dropout; "
+                                  f"hllm_user_llm '{path}' ({hf_config.model_type}) has none. Set "
+                                  f"hllm_user_dropout: 0.")
         model = load_base_llm(path, config["hllm_user_llm_pretrained"], config["hllm_user_num_layers"], "hllm_user_llm",
                               **({"attention_dropout": dropout} if dropout else {}))
     model.get_input_embeddings().requires_grad_(False)
